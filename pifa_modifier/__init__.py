@@ -1,0 +1,1 @@
+"""pifa-modifier: MPIFA low-rank compression for llm-compressor."""
