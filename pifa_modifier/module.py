@@ -8,12 +8,15 @@ It is deliberately *not* an ``nn.Linear`` subclass: quantization modifiers
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pifa_modifier.kernels import pifa_forward, use_triton_kernels
 from pifa_modifier.math import (
     PivotFactors,
     density_of_rank,
     factorize_dense,
+    non_pivot_index,
     output_permutation,
     pivot_factorize,
     reconstruct_dense,
@@ -28,6 +31,10 @@ class PIFALinear(nn.Module):
     Forward: ``y_p = pivot(x)``, ``y_np = coeff(y_p)``, both scattered into the
     original row order through a permutation derived from ``pivot_idx`` (a
     non-persistent buffer, rebuilt whenever ``pivot_idx`` is loaded or set).
+
+    While ``dense_weight`` is set (a skeleton placed by ``PIFAModifier`` before
+    calibration), the layer computes with that dense weight instead; it is
+    never saved.
     """
 
     def __init__(
@@ -53,13 +60,24 @@ class PIFALinear(nn.Module):
             self.register_parameter("bias", None)
         pivot_idx = torch.arange(rank, dtype=torch.int32, device=device)
         self.register_buffer("pivot_idx", pivot_idx)
+        # the default pivots are rows 0..r-1, so the permutation starts as the identity
+        # (built without nonzero(), so skeletons can live on the meta device)
         self.register_buffer(
-            "out_perm", output_permutation(pivot_idx, out_features), persistent=False
+            "out_perm", torch.arange(out_features, device=device), persistent=False
         )
+        # plain attribute, not a buffer: never saved, never offloaded, shared with the source
+        self.dense_weight: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_weight is not None:
+            return F.linear(x, self.dense_weight.to(x.device), self.bias)
+        if use_triton_kernels(self, x):
+            return pifa_forward(
+                x, self.pivot.weight, self.coeff.weight, self.pivot_idx, self.nonpivot_index(),
+                self.bias,
+            )
         y_pivot = self.pivot(x)
         y = torch.cat([y_pivot, self.coeff(y_pivot)], dim=-1).index_select(-1, self.out_perm)
         if self.bias is not None:
@@ -67,6 +85,30 @@ class PIFALinear(nn.Module):
         return y
 
     # ------------------------------------------------------------ construction
+    @classmethod
+    def skeleton_of(cls, linear: nn.Linear, rank: int) -> PIFALinear:
+        """A rank-``rank`` layer that computes like ``linear`` until factors are loaded.
+
+        Final shapes exist from the start (so quantization modifiers can attach
+        to ``pivot``/``coeff``); the dense weight is shared, not copied.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"skeleton_of expects an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.dense_weight = weight.detach()
+        return layer
+
     @classmethod
     def from_pivot_factors(
         cls,
@@ -130,6 +172,7 @@ class PIFALinear(nn.Module):
         if bias is not None:
             self.bias.copy_(bias)
         self.set_pivot_idx(factors.pivot_idx)
+        self.dense_weight = None
 
     @torch.no_grad()
     def set_pivot_idx(self, pivot_idx: torch.Tensor) -> None:
@@ -143,6 +186,21 @@ class PIFALinear(nn.Module):
         """Derive ``out_perm`` from ``pivot_idx`` (call after writing ``pivot_idx`` directly)."""
         perm = output_permutation(self.pivot_idx, self.out_features)
         self.out_perm = perm.to(self.pivot_idx.device)
+        self._cache_nonpivot_idx()
+
+    def nonpivot_index(self) -> torch.Tensor:
+        """Ascending int32 non-pivot rows for the fused kernels (non-persistent buffer).
+
+        Derived on first use for layers whose ``pivot_idx`` was never set, then
+        kept in sync by ``refresh_permutation``.
+        """
+        if "nonpivot_idx" not in self._buffers:
+            self._cache_nonpivot_idx()
+        return self.nonpivot_idx
+
+    def _cache_nonpivot_idx(self) -> None:
+        idx = non_pivot_index(self.pivot_idx, self.out_features).to(torch.int32)
+        self.register_buffer("nonpivot_idx", idx, persistent=False)
 
     # ----------------------------------------------------------------- exports
     @torch.no_grad()

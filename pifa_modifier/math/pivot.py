@@ -117,7 +117,9 @@ def factorize_dense(
 ) -> PivotFactors:
     """Truncated SVD of a dense weight at ``rank``, then pivot form (plain SVD, no data)."""
     if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}"
+        )
     m, n = weight.shape
     _check_rank(rank, m, n)
     _check_finite(weight, "weight")
