@@ -1,0 +1,406 @@
+"""``PIFAModifier``: MPIFA (M reconstruction + pivoting factorization) for oneshot.
+
+Lifecycle (llm-compressor 0.14, oneshot):
+- ``on_initialize``: validate, plan ranks, swap each target ``nn.Linear`` for a
+  ``PIFALinear`` skeleton of final shape (still computing densely) so that a
+  later ``GPTQModifier`` attaches to ``pivot``/``coeff``; hook decoder layers.
+- calibration pass of each decoder layer: the hook caches the layer's call
+  arguments (the compressed stream's input).
+- ``SEQUENTIAL_EPOCH_END``: per group (q/k/v -> o -> gate/up -> down), replay the
+  layer on the dense and the compressed stream, fit whitened SVD + M, encode
+  the factors as PIFA; then advance the dense stream through the dense layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from compressed_tensors.offload import get_execution_device, update_offload_parameter
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from torch import nn
+from transformers import PreTrainedModel
+
+from pifa_modifier.checkpoint import attach_pifa_save
+from pifa_modifier.math import PivotFactors, pivot_factorize
+from pifa_modifier.math.reconstruct import m_refit, relative_output_error, whitened_svd
+from pifa_modifier.modifier.plan import TargetPlan, find_decoder_layers, plan_targets
+from pifa_modifier.modifier.replay import (
+    CachedCall,
+    GroupStats,
+    capture_inputs,
+    dense_mode,
+    discover_groups,
+    layer_output,
+)
+from pifa_modifier.module import PIFALinear
+
+__all__ = ["PIFAModifier"]
+
+_QUANT_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "AWQModifier", "AutoRoundModifier")
+
+
+class PIFAModifier(Modifier):
+    """Low-rank compress linears with MPIFA, calibrated layer by layer.
+
+    :param density: kept fraction of each targeted linear's parameters, counting
+        PIFA's r(m+n-r); ranks round down so the achieved density never exceeds it
+    :param attn_density: density for attention linears (overrides ``density``)
+    :param mlp_density: density for MLP linears (overrides ``density``)
+    :param densities: per-module densities, ``{pattern: density}``; a pattern is a
+        module-name suffix (``q_proj``) or ``re:<regex>``; first match wins
+    :param rank_multiple: ranks are multiples of this (use the GPTQ group size
+        when quantizing afterwards; 64/128 suit GPU kernels)
+    :param old_output_factor: λ in ``y* = (1-λ) W x_new + λ W x_old``
+    :param reconstruct_steps: alternating U/V least-squares steps of M (0 = none)
+    :param whitening: ``svd-llm`` (data-whitened SVD init) or ``none`` (plain SVD)
+    :param dampening: added to the statistics' diagonal, relative to its mean
+    :param ridge: ridge of the V-step towards the dense weight, relative
+    :param group_order: ``sequential`` (each group sees earlier groups compressed,
+        as in the paper) or ``layer`` (one pass for the whole layer: cheaper)
+    :param offload_device: device holding the cached activations between layers
+    """
+
+    requires_calibration_data: bool = True
+
+    density: float = 0.5
+    attn_density: float | None = None
+    mlp_density: float | None = None
+    densities: dict[str, float] = Field(default_factory=dict)
+    rank_multiple: int = 8
+    old_output_factor: float = 0.25
+    reconstruct_steps: int = 2
+    whitening: Literal["svd-llm", "none"] = "svd-llm"
+    dampening: float = 0.01
+    ridge: float = 1e-4
+    group_order: Literal["sequential", "layer"] = "sequential"
+    targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    offload_device: str = "cpu"
+    pivot_tol: float = 1e-3
+
+    _plans: dict[str, TargetPlan] = PrivateAttr(default_factory=dict)
+    _layers: dict[str, nn.Module] = PrivateAttr(default_factory=dict)
+    _layer_targets: dict[str, dict[str, PIFALinear]] = PrivateAttr(default_factory=dict)
+    _calls: dict[str, list[CachedCall]] = PrivateAttr(default_factory=dict)
+    _dense_stream: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _done: set[str] = PrivateAttr(default_factory=set)
+    _replaying: bool = PrivateAttr(default=False)
+
+    # ------------------------------------------------------------- validation
+    @field_validator("density", "attn_density", "mlp_density")
+    @classmethod
+    def _check_density(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"densities must lie in (0, 1) (PIFA saves nothing at 1), got {value}")
+        return value
+
+    @field_validator("densities")
+    @classmethod
+    def _check_densities(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, density in value.items():
+            cls._check_density(density)
+            if not pattern:
+                raise ValueError("densities: empty module pattern")
+        return value
+
+    @field_validator("rank_multiple", "reconstruct_steps")
+    @classmethod
+    def _check_non_negative(cls, value: int, info) -> int:
+        low = 1 if info.field_name == "rank_multiple" else 0
+        if value < low:
+            raise ValueError(f"{info.field_name} must be an integer >= {low}, got {value}")
+        return value
+
+    @field_validator("old_output_factor")
+    @classmethod
+    def _check_lambda(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"old_output_factor must lie in [0, 1], got {value}")
+        return value
+
+    @field_validator("dampening", "ridge", "pivot_tol")
+    @classmethod
+    def _check_positive(cls, value: float, info) -> float:
+        if not value >= 0.0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> PIFAModifier:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if not self.targets:
+            raise ValueError("targets must name at least one module class or pattern")
+        return self
+
+    # -------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        self._check_recipe_order()
+        if kwargs.get("calib_data") is None and state.data.calib is None:
+            raise ValueError(
+                "PIFAModifier needs calibration data: pass `dataset=` (and "
+                "`num_calibration_samples=`) to oneshot"
+            )
+        self._check_not_quantized(model)
+        sequential_targets = infer_sequential_targets(model, kwargs.get("sequential_targets"))
+        layers = find_decoder_layers(model, sequential_targets)
+        plans = plan_targets(
+            model,
+            self.targets,
+            self.ignore,
+            layers,
+            density=self.density,
+            attn_density=self.attn_density,
+            mlp_density=self.mlp_density,
+            densities=self.densities,
+            rank_multiple=self.rank_multiple,
+        )
+        self._plans = {plan.name: plan for plan in plans}
+        self._layers = layers
+        self._layer_targets = {name: {} for name in layers}
+        for plan in plans:
+            skeleton = _swap_in_skeleton(model, plan)
+            self._layer_targets[plan.layer_name][plan.name] = skeleton
+        for name, layer in layers.items():
+            self.register_hook(layer, self._cache_call(name), "forward_pre", with_kwargs=True)
+        if isinstance(model, PreTrainedModel):
+            attach_pifa_save(model)  # pifa_config + atomic writes on every later save
+        logger.info(
+            f"PIFAModifier: {len(plans)} linears in {len(layers)} decoder layers, "
+            f"target density {self.density}, planned {self._planned_density():.4f}"
+        )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs) -> None:
+        others = [
+            type(m).__name__
+            for m in active_session().lifecycle.recipe.modifiers
+            if m is not self
+        ]
+        if others:
+            raise ValueError(
+                f"PIFAModifier must calibrate alone, but shares a pipeline with {others}; "
+                "use oneshot's default pipeline='independent' (a shared 'sequential' "
+                "pipeline leaves the quantization scales of the factors uninitialised)"
+            )
+
+    def on_sequential_epoch_end(
+        self, state: State, event: Event, modules: list[nn.Module], **kwargs
+    ) -> None:
+        in_subgraph = {id(m) for m in modules}
+        todo = [
+            (name, layer)
+            for name, layer in self._layers.items()
+            if name not in self._done and id(layer) in in_subgraph and name in self._calls
+        ]
+        # Several layers in one epoch (pipeline="basic", or several targets per
+        # subgraph): their cached inputs predate compressing the earlier ones, so
+        # chain the compressed outputs ourselves.
+        new_hidden: list[torch.Tensor] | None = None
+        self._replaying = True
+        try:
+            for index, (name, layer) in enumerate(todo):
+                if new_hidden is not None:
+                    calls = self._calls[name]
+                    self._calls[name] = [
+                        c.with_hidden(h) for c, h in zip(calls, new_hidden, strict=True)
+                    ]
+                new_hidden = self._compress_layer(name, layer, propagate=index + 1 < len(todo))
+        finally:
+            self._replaying = False
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
+        self.remove_hooks()
+        pending = [n for n, t in self._layer_targets.items() if t and n not in self._done]
+        if pending:
+            raise RuntimeError(
+                f"PIFAModifier finished calibration with {len(pending)} uncompressed "
+                f"decoder layers ({pending[:3]}...): it needs the sequential pipeline "
+                "(oneshot's default), and every layer must see calibration data"
+            )
+        self._calls.clear()
+        self._dense_stream = None
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self.remove_hooks()
+        return True
+
+    # --------------------------------------------------------------- helpers
+    def _cache_call(self, name: str):
+        device = torch.device(self.offload_device)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._replaying:  # our own replays at epoch end are not calibration data
+                return
+            self._calls.setdefault(name, []).append(CachedCall.record(args, kwargs, device))
+
+        return hook
+
+    def _compress_layer(
+        self, name: str, layer: nn.Module, propagate: bool = False
+    ) -> list[torch.Tensor] | None:
+        """Compress one layer; advance the dense stream; return its compressed outputs
+        when ``propagate`` (for a following layer in the same epoch)."""
+        start = time.perf_counter()
+        calls = self._calls.pop(name)
+        device = get_execution_device(layer)
+        offload = torch.device(self.offload_device)
+        dense_hidden = self._dense_stream or [call.hidden for call in calls]
+        if len(dense_hidden) != len(calls):
+            raise RuntimeError(
+                f"{name}: {len(calls)} calibration batches but {len(dense_hidden)} on the "
+                "dense stream; the layer was called an unexpected number of times"
+            )
+        targets = self._layer_targets[name]
+        stash: dict[PIFALinear, torch.Tensor] = {}
+        errors: dict[str, float] = {}
+        names = {module: target for target, module in targets.items()}
+        register, remove = self._register_pre_hook, self.remove_hooks
+
+        with torch.no_grad():
+            if targets:
+                groups = discover_groups(
+                    layer, calls[0], list(targets.values()), register, remove, device
+                )
+                if self.group_order == "layer":
+                    groups = [[m for group in groups for m in group]]
+                for group in groups:
+                    stats = self._group_stats(
+                        layer, calls, dense_hidden, group, stash, name, device
+                    )
+                    for module in group:
+                        errors[names[module]] = self._fit(module, stats[module], stash)
+            next_dense, next_new, out_err = [], [], [0.0, 0.0]
+            for i, call in enumerate(calls):
+                with dense_mode(stash):
+                    y_old = layer_output(call.with_hidden(dense_hidden[i]).run(layer, device))
+                next_dense.append(y_old.to(offload))
+                if not (propagate or (targets and i < 4)):
+                    continue
+                y_new = layer_output(call.run(layer, device))
+                if propagate:
+                    next_new.append(y_new.to(offload))
+                out_err[0] += float((y_new.float() - y_old.float()).pow(2).sum())
+                out_err[1] += float(y_old.float().pow(2).sum())
+        self._dense_stream = next_dense
+        self._done.add(name)
+        if targets:
+            density = _density([self._plans[t] for t in targets])
+            rel = (out_err[0] / max(out_err[1], 1e-30)) ** 0.5
+            worst = max(errors, key=errors.get)
+            logger.info(
+                f"PIFA {name}: density {density:.4f}, layer output rel. error {rel:.4f} "
+                f"(worst linear {worst.rsplit('.', 1)[-1]} {errors[worst]:.4f}), "
+                f"{time.perf_counter() - start:.1f}s"
+            )
+        return next_new if propagate else None
+
+    def _register_pre_hook(self, module: nn.Module, hook) -> object:
+        return self.register_hook(module, hook, "forward_pre")
+
+    def _group_stats(
+        self,
+        layer: nn.Module,
+        calls: list[CachedCall],
+        dense_hidden: list[torch.Tensor],
+        group: list[PIFALinear],
+        stash: dict[PIFALinear, torch.Tensor],
+        name: str,
+        device: torch.device,
+    ) -> dict[PIFALinear, GroupStats]:
+        """Statistics per distinct input of ``group`` (members sharing an input share them)."""
+        register, remove = self._register_pre_hook, self.remove_hooks
+        stats: dict[PIFALinear, GroupStats] = {}
+        for i, call in enumerate(calls):
+            with dense_mode(stash):
+                x_old = capture_inputs(
+                    layer, call.with_hidden(dense_hidden[i]), group, register, remove, device
+                )
+            x_new = capture_inputs(layer, call, group, register, remove, device)
+            seen: dict[int, GroupStats] = {}
+            for module, xo, xn in zip(group, x_old, x_new, strict=True):
+                key = id(xn)
+                if key not in seen:
+                    seen[key] = stats.get(module) or GroupStats.zeros(
+                        module.in_features, device
+                    )
+                    seen[key].add(xo, xn, f"{name} (batch {i})")
+                stats[module] = seen[key]
+        return stats
+
+    def _fit(
+        self, module: PIFALinear, stats: GroupStats, stash: dict[PIFALinear, torch.Tensor]
+    ) -> float:
+        """Whitened SVD + M for one linear, encoded as PIFA; returns its relative error."""
+        weight = module.dense_weight
+        rank = module.rank
+        if self.whitening == "svd-llm":
+            a, b = whitened_svd(weight, stats.h_old, rank, self.dampening)
+        else:
+            u, s, vh = torch.linalg.svd(weight.to(stats.h_old.device, torch.float64), False)
+            a, b = u[:, :rank] * s[:rank].sqrt(), s[:rank, None].sqrt() * vh[:rank]
+        if self.reconstruct_steps:
+            a, b = m_refit(
+                weight, a, b, stats.h_new, stats.cross,
+                self.old_output_factor, self.reconstruct_steps, self.ridge,
+            )
+        factors = pivot_factorize(a, b, tol=self.pivot_tol)
+        error = relative_output_error(weight, factors.reconstruct(), stats.h_new)
+        stash[module] = weight
+        _write_factors(module, factors)
+        return error
+
+    def _check_recipe_order(self) -> None:
+        modifiers = active_session().lifecycle.recipe.modifiers
+        for modifier in modifiers:
+            if modifier is self:
+                return
+            if type(modifier).__name__ in _QUANT_MODIFIERS:
+                raise ValueError(
+                    f"{type(modifier).__name__} comes before PIFAModifier in the recipe; "
+                    "put PIFAModifier first so quantization sees the final pivot/coeff "
+                    "layers"
+                )
+
+    def _check_not_quantized(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if getattr(module, "quantization_scheme", None) is not None and isinstance(
+                module, nn.Linear
+            ):
+                raise ValueError(
+                    f"{name} already carries a quantization scheme; PIFAModifier must run "
+                    "before quantization (place it first in the recipe)"
+                )
+
+    def _planned_density(self) -> float:
+        return _density(list(self._plans.values()))
+
+
+def _density(plans: list[TargetPlan]) -> float:
+    kept = sum(p.density * p.out_features * p.in_features for p in plans)
+    return kept / max(sum(p.out_features * p.in_features for p in plans), 1)
+
+
+def _swap_in_skeleton(model: nn.Module, plan: TargetPlan) -> PIFALinear:
+    parent_name, _, child = plan.name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    skeleton = PIFALinear.skeleton_of(getattr(parent, child), plan.rank)
+    setattr(parent, child, skeleton)
+    return skeleton
+
+
+@torch.no_grad()
+def _write_factors(module: PIFALinear, factors: PivotFactors) -> None:
+    """Write factors through the offload API (works for offloaded and plain modules)."""
+    dtype = module.pivot.weight.dtype
+    update_offload_parameter(module.pivot, "weight", factors.pivot_rows.to(dtype))
+    update_offload_parameter(module.coeff, "weight", factors.coeff.to(dtype))
+    module.set_pivot_idx(factors.pivot_idx)
+    module.dense_weight = None
