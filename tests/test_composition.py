@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import calibration_dataset, make_model
 from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
 from transformers import AutoModelForCausalLM
 
 import pifa_modifier  # noqa: F401
@@ -53,6 +54,9 @@ def test_pifa_then_gptq_round_trip(arch, bits, actorder, tmp_path, tokenizer):
     assert q.pivot.quantization_scheme.weights.num_bits == bits
     assert q.coeff.quantization_scheme.weights.num_bits == bits
 
+    replay = Recipe.create_instance(str(out / "recipe.yaml"))
+    assert [type(m).__name__ for m in replay.modifiers] == ["PIFAModifier", "GPTQModifier"]
+
     config = json.loads((out / "config.json").read_text())
     assert config["pifa_config"]["modules"]["model.layers.0.self_attn.q_proj"]["rank"] == q.rank
     assert config["quantization_config"]["format"] == "pack-quantized"
@@ -64,3 +68,18 @@ def test_pifa_then_gptq_round_trip(arch, bits, actorder, tmp_path, tokenizer):
         got = loaded(ids).logits
     assert torch.isfinite(ref).all()
     assert torch.equal(got, ref)
+
+
+def test_recipe_file_enum_tags_are_rewritten(tmp_path):
+    from pifa_modifier.checkpoint.recipe_file import sanitize_recipe_file
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      actorder: !!python/object/"
+        "apply:compressed_tensors.quantization.quant_args.ActivationOrdering\n      - static\n"
+    )
+    sanitize_recipe_file(path)
+    assert "static" in path.read_text() and "python" not in path.read_text()
+    path.write_text("a: !!python/object/apply:os.system\n- [1, 2]\n")
+    with pytest.raises(Exception, match="unsupported Python object"):
+        sanitize_recipe_file(path)

@@ -28,6 +28,7 @@ from pifa_modifier.checkpoint.errors import PIFACheckpointError
 from pifa_modifier.checkpoint.guard import GUARD_KEY, GUARD_VALUE
 from pifa_modifier.checkpoint.metadata import CONFIG_KEY, build_pifa_config, parse_pifa_config
 from pifa_modifier.checkpoint.quant_config import write_dense_quantization_config
+from pifa_modifier.checkpoint.recipe_file import sanitize_recipe_file
 from pifa_modifier.checkpoint.tensors import (
     check_pifa_tensors,
     index_safetensors,
@@ -102,6 +103,7 @@ def _finish_checkpoint(directory: Path, pifa_config: dict[str, Any], quantized: 
             f"{config_path}: the save wrote no compressed-tensors {_QUANT_KEY}; without it "
             "transformers would never run the PIFA loader"
         )
+    sanitize_recipe_file(directory / "recipe.yaml")
     config[CONFIG_KEY] = pifa_config
     config[GUARD_KEY] = GUARD_VALUE
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -13,7 +13,9 @@ Lifecycle (llm-compressor 0.14, oneshot):
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -64,6 +66,9 @@ class PIFAModifier(Modifier):
     :param group_order: ``sequential`` (each group sees earlier groups compressed,
         as in the paper) or ``layer`` (one pass for the whole layer: cheaper)
     :param offload_device: device holding the cached activations between layers
+    :param cpu_linalg_threads: torch threads for the per-linear decompositions when they
+        run on CPU; multi-threaded LAPACK collapses on a shared CPU (an SVD of 1536x576
+        took 12 s on 2 busy cores with 2 threads, 0.24 s with 1)
     """
 
     requires_calibration_data: bool = True
@@ -83,6 +88,7 @@ class PIFAModifier(Modifier):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     offload_device: str = "cpu"
     pivot_tol: float = 1e-3
+    cpu_linalg_threads: int = 1
 
     _plans: dict[str, TargetPlan] = PrivateAttr(default_factory=dict)
     _layers: dict[str, nn.Module] = PrivateAttr(default_factory=dict)
@@ -109,10 +115,10 @@ class PIFAModifier(Modifier):
                 raise ValueError("densities: empty module pattern")
         return value
 
-    @field_validator("rank_multiple", "reconstruct_steps")
+    @field_validator("rank_multiple", "reconstruct_steps", "cpu_linalg_threads")
     @classmethod
     def _check_non_negative(cls, value: int, info) -> int:
-        low = 1 if info.field_name == "rank_multiple" else 0
+        low = 0 if info.field_name == "reconstruct_steps" else 1
         if value < low:
             raise ValueError(f"{info.field_name} must be an integer >= {low}, got {value}")
         return value
@@ -265,25 +271,31 @@ class PIFAModifier(Modifier):
         register, remove = self._register_pre_hook, self.remove_hooks
 
         with torch.no_grad():
+            next_dense: list[torch.Tensor] = []
             if targets:
                 groups = discover_groups(
                     layer, calls[0], list(targets.values()), register, remove, device
                 )
                 if self.group_order == "layer":
                     groups = [[m for group in groups for m in group]]
-                for group in groups:
+                for index, group in enumerate(groups):
+                    # the last group's dense replay runs to the end: its output is the
+                    # next layer's dense stream (saves a full pass)
+                    last = next_dense if index == len(groups) - 1 else None
                     stats = self._group_stats(
-                        layer, calls, dense_hidden, group, stash, name, device
+                        layer, calls, dense_hidden, group, stash, name, device, last
                     )
-                    for module in group:
-                        errors[names[module]] = self._fit(module, stats[module], stash)
-            next_dense, next_new, out_err = [], [], [0.0, 0.0]
+                    with _cpu_threads(device, self.cpu_linalg_threads):
+                        for module in group:
+                            errors[names[module]] = self._fit(module, stats[module], stash)
+            next_new, out_err = [], [0.0, 0.0]
             for i, call in enumerate(calls):
-                with dense_mode(stash):
+                if not targets:
                     y_old = layer_output(call.with_hidden(dense_hidden[i]).run(layer, device))
-                next_dense.append(y_old.to(offload))
+                    next_dense.append(y_old.to(offload))
                 if not (propagate or (targets and i < 4)):
                     continue
+                y_old = next_dense[i].to(device)
                 y_new = layer_output(call.run(layer, device))
                 if propagate:
                     next_new.append(y_new.to(offload))
@@ -314,22 +326,37 @@ class PIFAModifier(Modifier):
         stash: dict[PIFALinear, torch.Tensor],
         name: str,
         device: torch.device,
+        dense_outputs: list[torch.Tensor] | None = None,
     ) -> dict[PIFALinear, GroupStats]:
-        """Statistics per distinct input of ``group`` (members sharing an input share them)."""
+        """Statistics per distinct input of ``group`` (members sharing an input share them).
+
+        The compressed stream is replayed only when M needs it. With
+        ``dense_outputs`` the dense replay runs to the end and its outputs are
+        appended there (offloaded).
+        """
         register, remove = self._register_pre_hook, self.remove_hooks
+        paired = self.reconstruct_steps > 0
+        offload = torch.device(self.offload_device)
         stats: dict[PIFALinear, GroupStats] = {}
         for i, call in enumerate(calls):
             with dense_mode(stash):
-                x_old = capture_inputs(
-                    layer, call.with_hidden(dense_hidden[i]), group, register, remove, device
+                x_old, out = capture_inputs(
+                    layer, call.with_hidden(dense_hidden[i]), group, register, remove, device,
+                    stop_early=dense_outputs is None,
                 )
-            x_new = capture_inputs(layer, call, group, register, remove, device)
+            if dense_outputs is not None:
+                dense_outputs.append(layer_output(out).to(offload))
+            x_new = (
+                capture_inputs(layer, call, group, register, remove, device)[0]
+                if paired
+                else [None] * len(group)
+            )
             seen: dict[int, GroupStats] = {}
             for module, xo, xn in zip(group, x_old, x_new, strict=True):
-                key = id(xn)
+                key = id(xo)
                 if key not in seen:
                     seen[key] = stats.get(module) or GroupStats.zeros(
-                        module.in_features, device
+                        module.in_features, device, paired
                     )
                     seen[key].add(xo, xn, f"{name} (batch {i})")
                 stats[module] = seen[key]
@@ -352,7 +379,8 @@ class PIFAModifier(Modifier):
                 self.old_output_factor, self.reconstruct_steps, self.ridge,
             )
         factors = pivot_factorize(a, b, tol=self.pivot_tol)
-        error = relative_output_error(weight, factors.reconstruct(), stats.h_new)
+        hessian = stats.h_new if stats.h_new is not None else stats.h_old
+        error = relative_output_error(weight, factors.reconstruct(), hessian)
         stash[module] = weight
         _write_factors(module, factors)
         return error
@@ -381,6 +409,20 @@ class PIFAModifier(Modifier):
 
     def _planned_density(self) -> float:
         return _density(list(self._plans.values()))
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """Limit torch's intra-op threads while decompositions run on CPU."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _density(plans: list[TargetPlan]) -> float:

@@ -61,38 +61,46 @@ class CachedCall:
 
 @dataclass
 class GroupStats:
-    """Second moments of one group's shared input (float32, n x n)."""
+    """Second moments of one group's shared input (float32, n x n).
+
+    Without ``paired`` only the dense stream's ``h_old`` is kept (enough for a
+    whitened SVD without M, at half the replay cost).
+    """
 
     h_old: torch.Tensor
-    h_new: torch.Tensor
-    cross: torch.Tensor  # K = sum x_old x_new^T
+    h_new: torch.Tensor | None
+    cross: torch.Tensor | None  # K = sum x_old x_new^T
     tokens: int = 0
 
     @classmethod
-    def zeros(cls, n: int, device: torch.device) -> GroupStats:
+    def zeros(cls, n: int, device: torch.device, paired: bool = True) -> GroupStats:
         def z() -> torch.Tensor:
             return torch.zeros(n, n, dtype=torch.float32, device=device)
 
-        return cls(z(), z(), z())
+        return cls(z(), z() if paired else None, z() if paired else None)
 
-    def add(self, x_old: torch.Tensor, x_new: torch.Tensor, where: str) -> None:
+    def add(self, x_old: torch.Tensor, x_new: torch.Tensor | None, where: str) -> None:
         n = self.h_old.shape[0]
         xo = x_old.reshape(-1, n).to(self.h_old.device, torch.float32)
-        xn = x_new.reshape(-1, n).to(self.h_old.device, torch.float32)
-        if xo.shape != xn.shape:
-            raise ValueError(
-                f"{where}: the dense and compressed streams fed {xo.shape[0]} and "
-                f"{xn.shape[0]} tokens; data-dependent routing (MoE) is not supported"
-            )
-        for name, x in (("dense", xo), ("compressed", xn)):
+        streams = [("dense", xo)]
+        if self.h_new is not None:
+            xn = x_new.reshape(-1, n).to(self.h_old.device, torch.float32)
+            if xo.shape != xn.shape:
+                raise ValueError(
+                    f"{where}: the dense and compressed streams fed {xo.shape[0]} and "
+                    f"{xn.shape[0]} tokens; data-dependent routing (MoE) is not supported"
+                )
+            streams.append(("compressed", xn))
+        for name, x in streams:
             if not torch.isfinite(x).all():
                 raise ValueError(
                     f"{where}: non-finite activations on the {name} stream; the model "
                     "overflows on the calibration data (calibrate in float32/bfloat16)"
                 )
         self.h_old.addmm_(xo.T, xo)
-        self.h_new.addmm_(xn.T, xn)
-        self.cross.addmm_(xo.T, xn)
+        if self.h_new is not None:
+            self.h_new.addmm_(xn.T, xn)
+            self.cross.addmm_(xo.T, xn)
         self.tokens += xo.shape[0]
 
 
@@ -104,12 +112,13 @@ def capture_inputs(
     remove: Callable[[set], None],
     device: torch.device,
     stop_early: bool = True,
-) -> list[torch.Tensor]:
-    """Inputs of ``modules`` during one layer call, in the order given.
+) -> tuple[list[torch.Tensor], Any]:
+    """Inputs of ``modules`` during one layer call (in the order given), and the output.
 
-    With ``stop_early`` the layer forward is aborted as soon as all were seen.
+    With ``stop_early`` the forward is aborted once all inputs were seen (output None).
     """
     captured: dict[nn.Module, torch.Tensor] = {}
+    output = None
 
     def hook(module: nn.Module, args: tuple) -> None:
         captured[module] = args[0]
@@ -118,7 +127,7 @@ def capture_inputs(
 
     handles = {register(module, hook) for module in modules}
     try:
-        call.run(layer, device)
+        output = call.run(layer, device)
     except _EarlyStop:
         pass
     finally:
@@ -129,7 +138,7 @@ def capture_inputs(
             f"{len(missing)} target linear(s) were not called by their decoder layer's "
             "forward; PIFAModifier can only compress linears the layer runs"
         )
-    return [captured[m] for m in modules]
+    return [captured[m] for m in modules], output
 
 
 def discover_groups(
