@@ -1,0 +1,31 @@
+"""Evaluation kit: offline real assets, calibration windows and protocol perplexity.
+
+Kept out of ``pifa_modifier``'s import path so the modifier never pays for it.
+"""
+
+from pifa_modifier.eval.assets import (
+    MissingAssetError,
+    cache_root,
+    qwen25_05b_path,
+    smollm2_path,
+    tokenize_text,
+    wiki_texts,
+    wiki_token_ids,
+)
+from pifa_modifier.eval.calibration import calibration_dataset, calibration_windows
+from pifa_modifier.eval.perplexity import NonFiniteError, PerplexityResult, perplexity
+
+__all__ = [
+    "MissingAssetError",
+    "NonFiniteError",
+    "PerplexityResult",
+    "cache_root",
+    "calibration_dataset",
+    "calibration_windows",
+    "perplexity",
+    "qwen25_05b_path",
+    "smollm2_path",
+    "tokenize_text",
+    "wiki_texts",
+    "wiki_token_ids",
+]
