@@ -1,17 +1,34 @@
 """``pifa`` command line (also ``python -m pifa_modifier``).
 
-Exit codes: 0 success, 2 bad arguments or input (clear message on stderr),
-1 anything unexpected (traceback).
+Exit codes: 0 success, 2 bad arguments or input (clear message on stderr naming
+the problem and the fix), 1 anything unexpected (traceback) or a non-finite
+perplexity window (message). ``pifa bench`` returns the benchmark script's code.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pifa_modifier.eval.assets import MissingAssetError
+from pifa_modifier.eval.perplexity import NonFiniteError
+from pifa_modifier.eval.report import MissingExtraError
+
 __all__ = ["main"]
+
+# Bad input: the message names the problem and the fix, no traceback, exit code 2.
+_INPUT_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    MissingAssetError,
+    MissingExtraError,
+)
+BENCHMARKS = {"linear": "bench_linear.py", "quality": "quality.py"}
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -48,6 +65,71 @@ def _export_dense(args: argparse.Namespace) -> None:
     print(f"dense checkpoint written to {args.dst}")
 
 
+def _compress(args: argparse.Namespace) -> None:
+    from pifa_modifier.compress import compress, format_result
+
+    result = compress(
+        Path(args.model),
+        Path(args.recipe),
+        args.dataset,
+        Path(args.output),
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    print(format_result(result))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pifa_modifier.eval.report import format_reports, run_eval, write_json
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if args.tasks is not None and not tasks:
+        raise ValueError("--tasks is empty; pass lm-eval task names, e.g. --tasks arc_easy,piqa")
+    limit = args.limit
+    if limit is not None and not 0 < limit < math.inf:
+        raise ValueError(f"--limit must be > 0, got {limit:g}")
+    if limit is not None and limit == int(limit):
+        limit = int(limit)  # lm-eval reads a float below 1 as a fraction of each task
+    reports = run_eval(
+        Path(args.dir),
+        Path(args.dense) if args.dense else None,
+        text=args.text,
+        seq_len=args.seq_len,
+        windows=args.windows,
+        tasks=tasks,
+        limit=limit,
+        device=args.device,
+    )
+    print(format_reports(reports))
+    if args.json:
+        write_json(reports, Path(args.json))
+        print(f"written to {args.json}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from pifa_modifier.checkpoint.summary import format_summary, summarize_checkpoint
+
+    path = Path(args.dir)
+    print(format_summary(path, summarize_checkpoint(path)))
+
+
+def benchmarks_dir() -> Path:
+    """benchmarks/ of the source checkout this package runs from (absent in a wheel)."""
+    return Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    script = benchmarks_dir() / BENCHMARKS[args.which]
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"{script} not found: the benchmarks live in the source repository, not the "
+            "installed package; run `pifa bench` from a git checkout installed with pip install -e"
+        )
+    return subprocess.run([sys.executable, str(script), *args.args]).returncode
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifa", description="MPIFA low-rank compression for llm-compressor."
@@ -71,14 +153,86 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="PIFA checkpoint directory")
     export.add_argument("dst", help="new directory for the dense checkpoint")
     export.set_defaults(func=_export_dense)
+
+    comp = sub.add_parser(
+        "compress",
+        help="run llm-compressor oneshot with a recipe on a local model directory",
+        description="Compress a local Hugging Face model directory with an llm-compressor "
+        "recipe and save a compressed checkpoint (+ tokenizer). All inputs are checked "
+        "before the model is loaded.",
+    )
+    comp.add_argument("--model", required=True, help="local model directory (with config.json)")
+    comp.add_argument("--recipe", required=True, help="recipe YAML (e.g. recipes/mpifa.yaml)")
+    comp.add_argument(
+        "--dataset",
+        required=True,
+        help="calibration text: .txt, .json/.jsonl ('text' field), a datasets "
+        "save_to_disk directory, or 'wiki' (bundled Wikipedia train text)",
+    )
+    comp.add_argument("--output", required=True, help="new (or empty) checkpoint directory")
+    comp.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    comp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    comp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    comp.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="require calibration on this device (default: llm-compressor's choice, the GPU "
+        "if one is visible)",
+    )
+    comp.set_defaults(func=_compress)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity, density, disk size (and lm-eval tasks) of a checkpoint",
+        description="Protocol perplexity (non-overlapping windows, exp(mean token NLL), a "
+        "non-finite window fails), PIFA parameter counts and disk size of a checkpoint, "
+        "optionally against a dense baseline and on lm-evaluation-harness tasks.",
+    )
+    ev.add_argument("dir", help="checkpoint directory (PIFA or dense)")
+    ev.add_argument("--dense", default=None, help="dense baseline checkpoint to compare")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (= stride)")
+    ev.add_argument("--windows", type=int, default=16, help="perplexity windows")
+    ev.add_argument(
+        "--text",
+        default="wiki",
+        help="'wiki' (bundled Wikipedia test text) or a .txt/.json/.jsonl file or datasets dir",
+    )
+    ev.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval tasks (needs pip install lm-eval)"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="lm-eval examples per task")
+    ev.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.set_defaults(func=_eval)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="per-layer ranks, densities and formats of a PIFA checkpoint (no weights loaded)",
+    )
+    insp.add_argument("dir", help="PIFA checkpoint directory")
+    insp.set_defaults(func=_inspect)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run benchmarks/bench_linear.py or benchmarks/quality.py (source checkout only)",
+        description="Runs a benchmark script of the source checkout with the remaining "
+        "arguments; `pifa bench linear --help` shows the script's own options.",
+    )
+    bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        code = args.func(args)
+    except _INPUT_ERRORS as err:
         print(f"pifa {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except NonFiniteError as err:
+        print(f"pifa {args.command}: error: {err}: perplexity is undefined", file=sys.stderr)
+        return 1
+    return code or 0

@@ -23,6 +23,7 @@ from pifa_modifier.eval import (
     smollm2_path,
     wiki_token_ids,
 )
+from pifa_modifier.math import pifa_params
 from pifa_modifier.module import PIFALinear
 
 __all__ = ["DemoResult", "default_recipe", "run_demo", "peak_rss_gib"]
@@ -58,12 +59,16 @@ def peak_rss_gib() -> float:
 
 
 def pifa_param_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(dense, kept) parameters of the PIFA-compressed linears (indices, bias excluded)."""
+    """(dense, kept) parameters of the PIFA-compressed linears (indices, bias excluded).
+
+    Counted from the shapes, r(m+n-r), not from the factor tensors: a quantized
+    checkpoint may hold them packed (``weight_packed``) with no ``weight`` at all.
+    """
     dense = kept = 0
     for module in model.modules():
         if isinstance(module, PIFALinear):
             dense += module.out_features * module.in_features
-            kept += module.pivot.weight.numel() + module.coeff.weight.numel()
+            kept += pifa_params(module.out_features, module.in_features, module.rank)
     return dense, kept
 
 

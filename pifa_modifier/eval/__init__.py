@@ -12,8 +12,13 @@ from pifa_modifier.eval.assets import (
     wiki_texts,
     wiki_token_ids,
 )
-from pifa_modifier.eval.calibration import calibration_dataset, calibration_windows
+from pifa_modifier.eval.calibration import (
+    calibration_dataset,
+    calibration_windows,
+    text_windows,
+)
 from pifa_modifier.eval.perplexity import NonFiniteError, PerplexityResult, perplexity
+from pifa_modifier.eval.texts import read_texts
 
 __all__ = [
     "MissingAssetError",
@@ -24,7 +29,9 @@ __all__ = [
     "calibration_windows",
     "perplexity",
     "qwen25_05b_path",
+    "read_texts",
     "smollm2_path",
+    "text_windows",
     "tokenize_text",
     "wiki_texts",
     "wiki_token_ids",

@@ -6,10 +6,18 @@ sample is a full ``seq_len`` tokens and none needs padding or truncation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from datasets import Dataset
 
-__all__ = ["calibration_dataset", "calibration_windows"]
+from pifa_modifier.eval.assets import tokenize_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["calibration_dataset", "calibration_windows", "text_windows"]
 
 
 def calibration_windows(
@@ -37,6 +45,25 @@ def calibration_windows(
     starts = offsets + seq_len * torch.arange(num_samples)
     index = starts[:, None] + torch.arange(seq_len)
     return train_ids.to(torch.long)[index]
+
+
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``calibration_windows`` of arbitrary texts: joined with ``"\\n\\n"``, tokenized once.
+
+    The same treatment as the protocol's own train text, so user data is windowed
+    like the bundled wiki text (full windows, no padding, short documents merged).
+    """
+    if not texts:
+        raise ValueError("no texts to cut calibration windows from")
+    return calibration_windows(
+        tokenize_text(tokenizer, "\n\n".join(texts)), num_samples, seq_len, seed
+    )
 
 
 def calibration_dataset(windows: torch.Tensor) -> Dataset:
