@@ -11,7 +11,12 @@ r/d (d = min(in, out)) and from PIFA densities, rounded down to a rank multiple.
 Low-rank and PIFA use the same rank, so PIFA is the smaller of the two.
 
 Methods: ``dense`` (nn.Linear), ``lowrank`` (two nn.Linear), ``pifa_torch``
-(``PIFALinear``'s torch path), ``pifa_triton`` (its fused kernels; GPU only).
+(``PIFALinear``'s torch path), ``pifa_triton`` (its fused kernels; GPU only), and
+for each ``--quant-bits`` b (default 4) the same PIFA layer with its factors
+round-to-nearest quantized to int b, group ``--quant-group-size``, kept packed as
+a reloaded W{b}A16 checkpoint keeps them: ``pifa_w{b}_torch`` (dequantize per call,
+then the torch path) and ``pifa_w{b}_triton`` (dequantizing kernels; GPU only).
+Settings whose rank the group size does not divide get no quantized rows.
 Weights are random: speed does not depend on values (random pivot sets, |C| <= 1).
 On the GPU, token counts <= ``--graph-max-tokens`` (decode) are timed as CUDA
 graph replays of ``--graph-calls`` calls, so launch overhead is not measured.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -49,7 +55,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import pifa_modifier.module as pifa_module
-from pifa_modifier.kernels import use_triton_kernels
+from pifa_modifier.checkpoint.packed import quantize_factors_rtn
+from pifa_modifier.kernels import use_triton_kernels, use_triton_quant_kernels
 from pifa_modifier.math import density_of_rank, rank_for_density
 from pifa_modifier.module import PIFALinear
 
@@ -112,12 +119,26 @@ def flops(method: str, tokens: int, n_in: int, n_out: int, rank: int) -> int:
     return 2 * tokens * rank * (n_in + n_out - rank)
 
 
-def min_bytes(method: str, tokens: int, n_in: int, n_out: int, rank: int, elem: int) -> int:
+def quant_bits(method: str) -> int | None:
+    """``b`` for the quantized PIFA methods ``pifa_w{b}_*``, else None."""
+    if method.startswith("pifa_w"):
+        return int(method.removeprefix("pifa_w").split("_")[0])
+    return None
+
+
+def min_bytes(
+    method: str, tokens: int, n_in: int, n_out: int, rank: int, elem: int, group: int = 0
+) -> int:
+    """Minimal traffic; quantized methods count packed factors plus one scale per group."""
     io = tokens * (n_in + n_out) + n_out  # input, output, bias
     if method == "dense":
         return elem * (io + n_in * n_out)
     weights = rank * (n_in + n_out) if method == "lowrank" else rank * (n_in + n_out - rank)
-    return elem * (io + weights + 2 * tokens * rank)
+    bits = quant_bits(method)
+    if bits is None:
+        return elem * (io + weights + 2 * tokens * rank)
+    scales = (rank * n_in + (n_out - rank) * rank) // group
+    return elem * (io + scales + 2 * tokens * rank) + weights * bits // 8
 
 
 def random_pifa(
@@ -142,15 +163,23 @@ def lowrank_pair(
     )
 
 
+def quantized_pifa(pifa: PIFALinear, bits: int, group: int) -> PIFALinear:
+    """A copy of ``pifa`` with int``bits`` group-``group`` factors, packed (RTN; speed only)."""
+    layer = copy.deepcopy(pifa)
+    quantize_factors_rtn(layer, bits, group)
+    return layer
+
+
 @contextlib.contextmanager
 def torch_path_only() -> Iterator[None]:
     """Make ``PIFALinear`` skip its Triton dispatch, to time the module's own torch path."""
-    original = pifa_module.use_triton_kernels
+    original = pifa_module.use_triton_kernels, pifa_module.use_triton_quant_kernels
     pifa_module.use_triton_kernels = lambda layer, x: False
+    pifa_module.use_triton_quant_kernels = lambda layer, x, factors=None: False
     try:
         yield
     finally:
-        pifa_module.use_triton_kernels = original
+        pifa_module.use_triton_kernels, pifa_module.use_triton_quant_kernels = original
 
 
 def make_timer(
@@ -216,6 +245,20 @@ def bench_shape(
         )
         for s in settings
     }
+    group = args.quant_group_size
+    quantized = {
+        (label, bits): quantized_pifa(pifa, bits, group)
+        for label, (s, _, pifa) in models.items()
+        if s.rank % group == 0 and n_in % group == 0
+        for bits in args.quant_bits
+    }
+    for label, (s, _, _) in models.items():
+        if args.quant_bits and (s.rank % group or n_in % group):
+            print(
+                f"{n_in}x{n_out} {label}: group {group} does not divide rank {s.rank} and "
+                f"in_features {n_in}; no quantized rows",
+                flush=True,
+            )
     rows: list[Row] = []
     ratios: list[dict] = []
     for tokens in args.tokens:
@@ -237,6 +280,17 @@ def bench_shape(
                         reference = pifa(x).float()
                     err = (pifa(x).float() - reference).abs().max() / reference.abs().max()
                     errors[label] = float(err)
+            for (label, bits), qpifa in quantized.items():
+                method = f"pifa_w{bits}"
+                timers[label, f"{method}_torch"] = torch_path_timer(qpifa, x, **timing)
+                if device.type == "cuda":
+                    if not use_triton_quant_kernels(qpifa, x):
+                        raise SystemExit("no quantized Triton dispatch for the packed factors")
+                    timers[label, f"{method}_triton"] = make_timer(qpifa, x, **timing)
+                    with torch_path_only():
+                        reference = qpifa(x).float()
+                    err = (qpifa(x).float() - reference).abs().max() / reference.abs().max()
+                    errors[label, method] = float(err)
             samples: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
             for _ in range(args.rounds):
                 for key, timer in timers.items():
@@ -258,9 +312,14 @@ def bench_shape(
             }
             if label in errors:
                 entry["max_rel_err_triton_vs_torch"] = errors[label]
+            for bits in args.quant_bits:
+                if (label, f"pifa_w{bits}") in errors:
+                    entry[f"max_rel_err_w{bits}_triton_vs_torch"] = errors[label, f"pifa_w{bits}"]
             for method, seconds in times.items():
                 rows.append(_row(method, label, s.rank, tokens, samples[label, method], n_in,
                                  n_out, elem, args))
+                if quant_bits(method) is not None:
+                    entry[f"{method}_vs_pifa_torch"] = times["pifa_torch"] / seconds
                 if method != "lowrank":
                     entry[f"{method}_vs_lowrank"] = times["lowrank"] / seconds
                     entry[f"{method}_vs_dense"] = t_dense / seconds
@@ -277,7 +336,7 @@ def _row(
 ) -> Row:
     seconds = min(rounds)
     tf = flops(method, tokens, n_in, n_out, rank) / seconds / 1e12
-    gb = min_bytes(method, tokens, n_in, n_out, rank, elem) / seconds / 1e9
+    gb = min_bytes(method, tokens, n_in, n_out, rank, elem, args.quant_group_size) / seconds / 1e9
     return Row(
         n_in, n_out, setting, rank, tokens, method, seconds, rounds, tf, gb,
         100 * tf / args.peak_tflops if args.peak_tflops else None,
@@ -352,6 +411,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank-ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--densities", nargs="+", type=float, default=[0.4, 0.5, 0.6])
     p.add_argument("--rank-multiple", type=int, help="default: 128 (cuda), 64 (cpu)")
+    p.add_argument(
+        "--quant-bits",
+        nargs="*",
+        type=int,
+        choices=[4, 8],
+        default=[4],
+        help="int widths of the packed-factor PIFA variants (none: no variants)",
+    )
+    p.add_argument("--quant-group-size", type=int, help="default: 128 (cuda), 64 (cpu)")
     p.add_argument("--peak-tflops", type=float, help="peak for %% of peak (e.g. 989 H100 bf16)")
     p.add_argument("--peak-gbps", type=float, help="device peak bandwidth (e.g. 3350 H100 SXM)")
     p.add_argument("--graph-max-tokens", type=int, default=16, help="CUDA graphs up to this many")
@@ -369,6 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args.tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     args.rank_multiple = args.rank_multiple or (128 if gpu else 64)
+    args.quant_group_size = args.quant_group_size or (128 if gpu else 64)
     args.out = args.out or RESULTS / f"bench_linear_{args.device}.json"
     return args
 
@@ -391,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
         "shape_convention": "(in_features, out_features), nn.Linear(in, out)",
         "ranks": "same rank for lowrank and PIFA; r/d uses d = min(in, out)",
         "rank_multiple": args.rank_multiple, "tokens": args.tokens,
+        "quant_bits": args.quant_bits,
+        "quant_group_size": args.quant_group_size,
+        "quant": "RTN symmetric int, packed as compressed-tensors pack-quantized",
         "peak_tflops": args.peak_tflops, "peak_gbps": args.peak_gbps,
         "graph_calls": args.graph_calls if args.device == "cuda" else 0,
         "graph_max_tokens": args.graph_max_tokens, "min_run_time_s": args.min_run_time,

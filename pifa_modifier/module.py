@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pifa_modifier.kernels import pifa_forward, use_triton_kernels
+from pifa_modifier.kernels import (
+    pifa_forward,
+    pifa_quant_forward,
+    use_triton_kernels,
+    use_triton_quant_kernels,
+)
+from pifa_modifier.kernels.packed import PackedFactors, dequantize_packed, packed_factors
 from pifa_modifier.math import (
     PivotFactors,
     density_of_rank,
@@ -73,16 +79,42 @@ class PIFALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_weight is not None:
             return F.linear(x, self.dense_weight.to(x.device), self.bias)
+        packed = packed_factors(self)  # None unless both children are packed int4/int8
+        if packed is not None:
+            return self._packed_forward(x, packed)
         if use_triton_kernels(self, x):
             return pifa_forward(
                 x, self.pivot.weight, self.coeff.weight, self.pivot_idx, self.nonpivot_index(),
                 self.bias,
             )
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         y_pivot = self.pivot(x)
         y = torch.cat([y_pivot, self.coeff(y_pivot)], dim=-1).index_select(-1, self.out_perm)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    def _packed_forward(self, x: torch.Tensor, packed: PackedFactors) -> torch.Tensor:
+        """Factors that stay packed (``pifa_modifier.kernels.packed``), so memory stays low.
+
+        CUDA: kernels that dequantize inside the GEMM tiles. Elsewhere (CPU, hooks,
+        autograd, tracing): the children's own forwards, each given its weight
+        dequantized for this call only -- bit-identical to a decompressed model.
+        """
+        if use_triton_quant_kernels(self, x, packed):
+            return pifa_quant_forward(
+                x, packed.pivot, packed.coeff, self.pivot_idx, self.nonpivot_index(), self.bias
+            )
+        children = (self.pivot, self.coeff)
+        try:
+            for child, weight in zip(children, packed, strict=True):
+                child.weight = dequantize_packed(weight)  # plain attribute: not a parameter
+            return self._torch_forward(x)
+        finally:
+            for child in children:
+                vars(child).pop("weight", None)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -206,9 +238,13 @@ class PIFALinear(nn.Module):
     @torch.no_grad()
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rebuild the m x n weight, computed in fp32 (fp64 stays fp64), returned in ``dtype``."""
-        weight = self.pivot.weight
+        packed = packed_factors(self)
+        if packed is not None:  # factors kept packed: dequantize them first
+            weight, coeff = dequantize_packed(packed.pivot), dequantize_packed(packed.coeff)
+        else:
+            weight, coeff = self.pivot.weight, self.coeff.weight
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        dense = reconstruct_dense(self.pivot_idx, weight.to(work), self.coeff.weight.to(work))
+        dense = reconstruct_dense(self.pivot_idx, weight.to(work), coeff.to(work))
         return dense.to(dtype or weight.dtype)
 
     @torch.no_grad()

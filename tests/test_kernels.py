@@ -158,13 +158,17 @@ def test_input_validation():
 
 
 # ----------------------------------------------------------------- real GPU backend, no GPU
-def _compile_for(cap: int, kernel, pointer_dtype: str, constants: dict, warps: int, stages: int):
+def _compile_for(
+    cap: int, kernel, pointer_dtype: str, constants: dict, warps: int, stages: int,
+    pointers: dict[str, str] | None = None,
+):
     """Compile ``kernel`` for sm_``cap`` offline, with the alignment hints a launch on
-    16-byte-aligned tensors with N, K and strides divisible by 16 would give."""
+    16-byte-aligned tensors with N, K and strides divisible by 16 would give.
+    ``pointers`` overrides the element type of named pointer arguments."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    pointers = {"col_ptr": "*i32", "ws_ptr": "*fp32"}
+    pointers = {"col_ptr": "*i32", "ws_ptr": "*fp32", **(pointers or {})}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constants:

@@ -12,7 +12,10 @@ compressed-tensors quantizer that, for checkpoints carrying ``pifa_config``:
    then checks every PIFA tensor in the safetensors headers against it;
 3. ``_process_model_after_weight_loading``: rebuilds each layer's ``out_perm``
    (a non-persistent buffer transformers never fills) from the loaded
-   ``pivot_idx`` and attaches the PIFA save wrapper.
+   ``pivot_idx``, attaches the PIFA save wrapper and, unless ``dequantize=True``
+   was asked for, keeps int4/int8 factors packed at run time
+   (``pifa_modifier.checkpoint.packed``: compressed-tensors would dequantize
+   them on the first forward).
 
 Checkpoints without ``pifa_config`` load exactly as before.
 """
@@ -31,6 +34,7 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from pifa_modifier.checkpoint.errors import PIFACheckpointError
 from pifa_modifier.checkpoint.guard import release_guard
 from pifa_modifier.checkpoint.metadata import CONFIG_KEY, ModuleSpec, parse_pifa_config
+from pifa_modifier.checkpoint.packed import keep_factors_packed
 from pifa_modifier.checkpoint.save import attach_pifa_save
 from pifa_modifier.checkpoint.tensors import (
     check_pifa_tensors,
@@ -86,6 +90,8 @@ class PIFACompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
             layer.refresh_permutation()
         if self._pifa_modules:
             attach_pifa_save(model)
+            if not self.quantization_config.dequantize:
+                keep_factors_packed(model)
         return result
 
 

@@ -27,6 +27,7 @@ from pifa_modifier.checkpoint.atomic import atomic_directory
 from pifa_modifier.checkpoint.errors import PIFACheckpointError
 from pifa_modifier.checkpoint.guard import GUARD_KEY, GUARD_VALUE
 from pifa_modifier.checkpoint.metadata import CONFIG_KEY, build_pifa_config, parse_pifa_config
+from pifa_modifier.checkpoint.packed import keep_factors_packed, keeps_factors_packed
 from pifa_modifier.checkpoint.quant_config import write_dense_quantization_config
 from pifa_modifier.checkpoint.recipe_file import sanitize_recipe_file
 from pifa_modifier.checkpoint.tensors import (
@@ -75,6 +76,8 @@ def attach_pifa_save(model: PreTrainedModel) -> None:
         with atomic_directory(save_directory) as tmp:
             inner(str(tmp), *args, **kwargs)
             _finish_checkpoint(tmp, pifa_config, quantized)
+        if keeps_factors_packed(model):  # the save re-registered compressed-tensors' hook
+            keep_factors_packed(model)
 
     save_pretrained._overridden = True  # llmcompressor's marker: keep this wrapper outermost
     setattr(save_pretrained, _MARK, True)
