@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from pifa_modifier.checkpoint import attach_pifa_save
 from pifa_modifier.math import PivotFactors, pivot_factorize
 from pifa_modifier.math.reconstruct import m_refit, relative_output_error, whitened_svd
+from pifa_modifier.modifier.distributed import assign_owners, broadcast_factors, reduce_stats
 from pifa_modifier.modifier.plan import TargetPlan, find_decoder_layers, plan_targets
 from pifa_modifier.modifier.replay import (
     CachedCall,
@@ -285,9 +286,8 @@ class PIFAModifier(Modifier):
                     stats = self._group_stats(
                         layer, calls, dense_hidden, group, stash, name, device, last
                     )
-                    with _cpu_threads(device, self.cpu_linalg_threads):
-                        for module in group:
-                            errors[names[module]] = self._fit(module, stats[module], stash)
+                    fitted = self._fit_group(group, stats, stash, device)
+                    errors.update({names[m]: e for m, e in fitted.items()})
             next_new, out_err = [], [0.0, 0.0]
             for i, call in enumerate(calls):
                 if not targets:
@@ -362,10 +362,32 @@ class PIFAModifier(Modifier):
                 stats[module] = seen[key]
         return stats
 
-    def _fit(
-        self, module: PIFALinear, stats: GroupStats, stash: dict[PIFALinear, torch.Tensor]
-    ) -> float:
-        """Whitened SVD + M for one linear, encoded as PIFA; returns its relative error."""
+    def _fit_group(
+        self,
+        group: list[PIFALinear],
+        stats: dict[PIFALinear, GroupStats],
+        stash: dict[PIFALinear, torch.Tensor],
+        device: torch.device,
+    ) -> dict[PIFALinear, float]:
+        """Fit and write every linear of ``group``; returns each one's relative error.
+
+        Under ``torchrun`` the statistics are first summed over ranks and each
+        linear is factorized on one owner rank, then broadcast (see ``distributed``).
+        """
+        distinct = list({id(s): s for s in (stats[m] for m in group)}.values())
+        reduce_stats(distinct)
+        owners = assign_owners(group)
+        with _cpu_threads(device, self.cpu_linalg_threads):
+            results = broadcast_factors(
+                group, owners, lambda m: self._factorize(m, stats[m]), device
+            )
+        for module, (factors, _) in results.items():
+            stash[module] = module.dense_weight
+            _write_factors(module, factors)
+        return {module: error for module, (_, error) in results.items()}
+
+    def _factorize(self, module: PIFALinear, stats: GroupStats) -> tuple[PivotFactors, float]:
+        """Whitened SVD + M for one linear, in PIFA form, and its relative output error."""
         weight = module.dense_weight
         rank = module.rank
         if self.whitening == "svd-llm":
@@ -380,10 +402,7 @@ class PIFAModifier(Modifier):
             )
         factors = pivot_factorize(a, b, tol=self.pivot_tol)
         hessian = stats.h_new if stats.h_new is not None else stats.h_old
-        error = relative_output_error(weight, factors.reconstruct(), hessian)
-        stash[module] = weight
-        _write_factors(module, factors)
-        return error
+        return factors, relative_output_error(weight, factors.reconstruct(), hessian)
 
     def _check_recipe_order(self) -> None:
         modifiers = active_session().lifecycle.recipe.modifiers
