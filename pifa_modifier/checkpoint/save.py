@@ -90,7 +90,8 @@ def _require_factorized(model: PreTrainedModel) -> None:
         if isinstance(module, PIFALinear) and getattr(module, "dense_weight", None) is not None:
             raise PIFACheckpointError(
                 f"{name}: not factorized yet (it still holds the dense weight PIFAModifier "
-                "keeps until calibration ends), so its PIFA factors are meaningless"
+                "keeps until it has compressed that layer: compression was interrupted or "
+                "has not finished), so its PIFA factors are meaningless; nothing was written"
             )
 
 

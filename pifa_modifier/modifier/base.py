@@ -98,6 +98,8 @@ class PIFAModifier(Modifier):
     _dense_stream: list[torch.Tensor] | None = PrivateAttr(default=None)
     _done: set[str] = PrivateAttr(default_factory=set)
     _replaying: bool = PrivateAttr(default=False)
+    _warned_few_tokens: bool = PrivateAttr(default=False)
+    _names: dict[PIFALinear, str] = PrivateAttr(default_factory=dict)
 
     # ------------------------------------------------------------- validation
     @field_validator("density", "attn_density", "mlp_density")
@@ -150,10 +152,17 @@ class PIFAModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
         self._check_recipe_order()
-        if kwargs.get("calib_data") is None and state.data.calib is None:
+        calib = kwargs.get("calib_data")
+        calib = state.data.calib if calib is None else calib
+        if calib is None:
             raise ValueError(
                 "PIFAModifier needs calibration data: pass `dataset=` (and "
                 "`num_calibration_samples=`) to oneshot"
+            )
+        if _is_empty(calib):  # else the pipeline dies on a bare StopIteration
+            raise ValueError(
+                "PIFAModifier got an empty calibration dataset (0 samples after "
+                "preprocessing); pass a dataset with at least one sample"
             )
         self._check_not_quantized(model)
         sequential_targets = infer_sequential_targets(model, kwargs.get("sequential_targets"))
@@ -175,6 +184,7 @@ class PIFAModifier(Modifier):
         for plan in plans:
             skeleton = _swap_in_skeleton(model, plan)
             self._layer_targets[plan.layer_name][plan.name] = skeleton
+            self._names[skeleton] = plan.name
         for name, layer in layers.items():
             self.register_hook(layer, self._cache_call(name), "forward_pre", with_kwargs=True)
         if isinstance(model, PreTrainedModel):
@@ -236,7 +246,11 @@ class PIFAModifier(Modifier):
         self._dense_stream = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:
+        # also the clean-up path after an interrupted oneshot: llm-compressor has no
+        # exception hook, but its next session reset (or ``reset_session()``) finalizes
         self.remove_hooks()
+        self._calls.clear()
+        self._dense_stream = None
         return True
 
     # --------------------------------------------------------------- helpers
@@ -376,6 +390,7 @@ class PIFAModifier(Modifier):
         """
         distinct = list({id(s): s for s in (stats[m] for m in group)}.values())
         reduce_stats(distinct)
+        self._warn_few_tokens(distinct)
         owners = assign_owners(group)
         with _cpu_threads(device, self.cpu_linalg_threads):
             results = broadcast_factors(
@@ -386,16 +401,33 @@ class PIFAModifier(Modifier):
             _write_factors(module, factors)
         return {module: error for module, (_, error) in results.items()}
 
+    def _warn_few_tokens(self, stats: list[GroupStats]) -> None:
+        """Say once when the statistics are rank-deficient: the fit then leans on dampening."""
+        short = [s for s in stats if s.tokens < s.h_old.shape[0]]
+        if short and not self._warned_few_tokens:
+            self._warned_few_tokens = True
+            logger.warning(
+                f"PIFAModifier: only {short[0].tokens} calibration tokens for a linear with "
+                f"{short[0].h_old.shape[0]} inputs; its statistics are singular and the fit "
+                "falls back on `dampening` (use more calibration samples or longer ones)"
+            )
+
     def _factorize(self, module: PIFALinear, stats: GroupStats) -> tuple[PivotFactors, float]:
         """Whitened SVD + M for one linear, in PIFA form, and its relative output error."""
         weight = module.dense_weight
         rank = module.rank
-        if self.whitening == "svd-llm":
+        dead = stats.tokens > 0 and not bool(torch.diagonal(stats.h_old).abs().sum() > 0)
+        if dead:  # any factors give zero output error; keep the weight's own best fit
+            logger.warning(
+                f"PIFA {self._names.get(module, 'linear')}: every calibration input is zero "
+                "(a dead branch); factorizing by plain truncated SVD of the weight"
+            )
+        if self.whitening == "svd-llm" and not dead:
             a, b = whitened_svd(weight, stats.h_old, rank, self.dampening)
         else:
             u, s, vh = torch.linalg.svd(weight.to(stats.h_old.device, torch.float64), False)
             a, b = u[:, :rank] * s[:rank].sqrt(), s[:rank, None].sqrt() * vh[:rank]
-        if self.reconstruct_steps:
+        if self.reconstruct_steps and not dead:
             a, b = m_refit(
                 weight, a, b, stats.h_new, stats.cross,
                 self.old_output_factor, self.reconstruct_steps, self.ridge,
@@ -442,6 +474,14 @@ def _cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _is_empty(calib: object) -> bool:
+    """Whether a calibration loader (or dataset) is known to hold no sample."""
+    try:
+        return len(calib) == 0  # type: ignore[arg-type]
+    except TypeError:  # iterable without a length: cannot tell before iterating
+        return False
 
 
 def _density(plans: list[TargetPlan]) -> float:
