@@ -1,4 +1,4 @@
-"""vLLM serving plugin for PIFA checkpoints (``pip install pifa-modifier[vllm]``).
+"""vLLM serving plugin for PIFA checkpoints (install: docs/vllm.md, "Installing").
 
 vLLM calls ``register`` (entry point group ``vllm.general_plugins``) in every
 process; it registers the ``"pifa"`` quantization config, which claims any
