@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from compressed_tensors.offload import get_execution_device, update_offload_parameter
+from compressed_tensors.offload import (
+    disable_onloading,
+    get_cache_init_kwargs,
+    get_execution_device,
+    offload_module,
+    update_offload_parameter,
+)
+from compressed_tensors.offload.cache import OffloadCache
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
@@ -100,6 +107,8 @@ class PIFAModifier(Modifier):
     _replaying: bool = PrivateAttr(default=False)
     _warned_few_tokens: bool = PrivateAttr(default=False)
     _names: dict[PIFALinear, str] = PrivateAttr(default_factory=dict)
+    # offloaded source linears whose dense weight is onloaded only when their layer runs
+    _dense_sources: dict[PIFALinear, nn.Module] = PrivateAttr(default_factory=dict)
 
     # ------------------------------------------------------------- validation
     @field_validator("density", "attn_density", "mlp_density")
@@ -182,7 +191,9 @@ class PIFAModifier(Modifier):
         self._layers = layers
         self._layer_targets = {name: {} for name in layers}
         for plan in plans:
-            skeleton = _swap_in_skeleton(model, plan)
+            skeleton, source = _swap_in_skeleton(model, plan)
+            if source is not None:
+                self._dense_sources[skeleton] = source
             self._layer_targets[plan.layer_name][plan.name] = skeleton
             self._names[skeleton] = plan.name
         for name, layer in layers.items():
@@ -260,9 +271,28 @@ class PIFAModifier(Modifier):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._replaying:  # our own replays at epoch end are not calibration data
                 return
+            self._onload_dense(name)
             self._calls.setdefault(name, []).append(CachedCall.record(args, kwargs, device))
 
         return hook
+
+    def _onload_dense(self, name: str) -> None:
+        """Give the skeletons of layer ``name`` the dense weights of their offloaded sources.
+
+        Done when the layer first runs, not in ``on_initialize``: holding every dense
+        weight onloaded from the start would defeat offloading. The source's offloaded
+        copy is dropped (a disk-offloaded one is deleted from the offload folder).
+        """
+        for skeleton in self._layer_targets.get(name, {}).values():
+            source = self._dense_sources.pop(skeleton, None)
+            if source is None:
+                continue
+            device = get_execution_device(skeleton)
+            skeleton.dense_weight = source.weight.detach().to(device)
+            with disable_onloading():  # the offloaded values as stored, without reading them
+                stored = [key for key, value in source._parameters.items() if value is not None]
+            for key in stored:  # (DiskCache cannot delete a None entry such as bias=None)
+                del source._parameters[key]
 
     def _compress_layer(
         self, name: str, layer: nn.Module, propagate: bool = False
@@ -489,12 +519,42 @@ def _density(plans: list[TargetPlan]) -> float:
     return kept / max(sum(p.out_features * p.in_features for p in plans), 1)
 
 
-def _swap_in_skeleton(model: nn.Module, plan: TargetPlan) -> PIFALinear:
+def _swap_in_skeleton(
+    model: nn.Module, plan: TargetPlan
+) -> tuple[PIFALinear, nn.Linear | None]:
+    """Replace the linear by a skeleton; for an offloaded linear also return the linear.
+
+    An offloaded linear (compressed-tensors ``OffloadCache``: cpu, device or disk)
+    gets a skeleton offloaded the same way, so that the factors are written to the
+    offload storage; its dense weight stays offloaded until the layer runs
+    (``PIFAModifier._onload_dense``) and is a meta placeholder until then.
+    """
     parent_name, _, child = plan.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    skeleton = PIFALinear.skeleton_of(getattr(parent, child), plan.rank)
+    linear = getattr(parent, child)
+    if not isinstance(linear, nn.Linear) or not isinstance(linear._parameters, OffloadCache):
+        skeleton = PIFALinear.skeleton_of(linear, plan.rank)
+        setattr(parent, child, skeleton)
+        return skeleton, None
+    with disable_onloading():
+        offloaded = linear.weight  # meta for disk offload: shape and dtype only
+    skeleton = PIFALinear(
+        linear.in_features,
+        linear.out_features,
+        plan.rank,
+        bias=linear.bias is not None,
+        device="cpu",
+        dtype=offloaded.dtype,
+    )
+    with torch.no_grad():
+        if linear.bias is not None:
+            skeleton.bias.copy_(linear.bias)
+    kwargs = get_cache_init_kwargs(linear)
+    for module in skeleton.modules():
+        offload_module(module, **kwargs)
+    skeleton.dense_weight = torch.empty(offloaded.shape, dtype=offloaded.dtype, device="meta")
     setattr(parent, child, skeleton)
-    return skeleton
+    return skeleton, linear
 
 
 @torch.no_grad()
@@ -503,5 +563,8 @@ def _write_factors(module: PIFALinear, factors: PivotFactors) -> None:
     dtype = module.pivot.weight.dtype
     update_offload_parameter(module.pivot, "weight", factors.pivot_rows.to(dtype))
     update_offload_parameter(module.coeff, "weight", factors.coeff.to(dtype))
+    # written through the offload API first: on an offloaded module ``set_pivot_idx``
+    # only updates an onloaded copy, then derives the permutation from the stored one
+    update_offload_parameter(module, "pivot_idx", factors.pivot_idx.to(torch.int32))
     module.set_pivot_idx(factors.pivot_idx)
     module.dense_weight = None
