@@ -25,6 +25,7 @@ demo: $(VENV)/.demo-assets
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check pifa_modifier tests benchmarks examples
+	$(BIN)/ruff format --check pifa_modifier tests benchmarks examples
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest

@@ -84,7 +84,11 @@ class PIFALinear(nn.Module):
             return self._packed_forward(x, packed)
         if use_triton_kernels(self, x):
             return pifa_forward(
-                x, self.pivot.weight, self.coeff.weight, self.pivot_idx, self.nonpivot_index(),
+                x,
+                self.pivot.weight,
+                self.coeff.weight,
+                self.pivot_idx,
+                self.nonpivot_index(),
                 self.bias,
             )
         return self._torch_forward(x)
@@ -189,9 +193,7 @@ class PIFALinear(nn.Module):
         )
 
     @torch.no_grad()
-    def load_pivot_factors(
-        self, factors: PivotFactors, bias: torch.Tensor | None = None
-    ) -> None:
+    def load_pivot_factors(self, factors: PivotFactors, bias: torch.Tensor | None = None) -> None:
         """Copy ``factors`` (and ``bias``) into this layer's tensors, in place."""
         expected = (self.out_features, self.in_features, self.rank)
         got = (factors.out_features, factors.in_features, factors.rank)
@@ -292,8 +294,10 @@ def _check_dims(in_features: int, out_features: int, rank: int) -> None:
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not (
-        0 < rank < out_features and rank <= in_features
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, int)
+        or not (0 < rank < out_features and rank <= in_features)
     ):
         raise ValueError(
             f"rank {rank!r} is invalid for a {out_features}x{in_features} layer: it needs "

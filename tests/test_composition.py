@@ -33,9 +33,7 @@ quant_stage:
 """
 
 
-@pytest.mark.parametrize(
-    "arch, bits, actorder", [("llama", 4, "static"), ("qwen2", 8, "null")]
-)
+@pytest.mark.parametrize("arch, bits, actorder", [("llama", 4, "static"), ("qwen2", 8, "null")])
 def test_pifa_then_gptq_round_trip(arch, bits, actorder, tmp_path, tokenizer):
     model = make_model(arch, tmp_path / "base")
     out = tmp_path / "out"

@@ -43,9 +43,7 @@ REL_TOL = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _layer(
-    m: int, n: int, r: int, dtype: torch.dtype, bias: bool, seed: int
-) -> PIFALinear:
+def _layer(m: int, n: int, r: int, dtype: torch.dtype, bias: bool, seed: int) -> PIFALinear:
     """A layer with a random pivot set, P ~ N(0, 1/n) (so y_p ~ N(0, 1)) and |C| <= 1."""
     g = torch.Generator().manual_seed(seed)
     layer = PIFALinear(n, m, r, bias=bias, dtype=dtype)
@@ -62,7 +60,11 @@ def _fused(layer: PIFALinear, x: torch.Tensor) -> torch.Tensor:
     from pifa_modifier.kernels.triton_pifa import pifa_forward
 
     return pifa_forward(
-        x, layer.pivot.weight, layer.coeff.weight, layer.pivot_idx, layer.nonpivot_index(),
+        x,
+        layer.pivot.weight,
+        layer.coeff.weight,
+        layer.pivot_idx,
+        layer.nonpivot_index(),
         layer.bias,
     )
 
@@ -159,7 +161,12 @@ def test_input_validation():
 
 # ----------------------------------------------------------------- real GPU backend, no GPU
 def _compile_for(
-    cap: int, kernel, pointer_dtype: str, constants: dict, warps: int, stages: int,
+    cap: int,
+    kernel,
+    pointer_dtype: str,
+    constants: dict,
+    warps: int,
+    stages: int,
     pointers: dict[str, str] | None = None,
 ):
     """Compile ``kernel`` for sm_``cap`` offline, with the alignment hints a launch on
@@ -199,8 +206,12 @@ def test_kernels_compile_for_hopper_with_pipelined_loads():
     flags = {"HAS_BIAS": True, "STORE_DENSE": True, "F32_DOT": False}
     config = tp._GEMM_CONFIGS[0]
     gemm = _compile_for(
-        90, tp._gemm_scatter_kernel, "bf16", {**strides, **flags, **config.kwargs},
-        config.num_warps, config.num_stages,
+        90,
+        tp._gemm_scatter_kernel,
+        "bf16",
+        {**strides, **flags, **config.kwargs},
+        config.num_warps,
+        config.num_stages,
     )
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     assert gemm.metadata.shared >= 2 * (bm + bn) * bk * 2
@@ -209,17 +220,36 @@ def test_kernels_compile_for_hopper_with_pipelined_loads():
     decode_config = next(c for c in tp._DECODE_CONFIGS if c.num_stages >= 3)
     bk = decode_config.kwargs["BLOCK_K"]
     decode = _compile_for(
-        90, tp._decode_kernel, "fp16",
-        {**strides, **flags, **decode_config.kwargs, "SPLIT_K": 4, "BLOCK_M": 16,
-         "BLOCK_N": tp._DECODE_BLOCK_N},
-        decode_config.num_warps, decode_config.num_stages,
+        90,
+        tp._decode_kernel,
+        "fp16",
+        {
+            **strides,
+            **flags,
+            **decode_config.kwargs,
+            "SPLIT_K": 4,
+            "BLOCK_M": 16,
+            "BLOCK_N": tp._DECODE_BLOCK_N,
+        },
+        decode_config.num_warps,
+        decode_config.num_stages,
     )
     assert decode.metadata.shared >= 2 * (16 + tp._DECODE_BLOCK_N) * bk * 2
     _compile_for(
-        90, tp._splitk_reduce_kernel, "fp16",
-        {"stride_on": 1, "stride_dn": 1, "HAS_BIAS": True, "STORE_DENSE": True, "SPLIT_K": 4,
-         "BLOCK_M": 16, "BLOCK_N": tp._DECODE_BLOCK_N},
-        4, 1,
+        90,
+        tp._splitk_reduce_kernel,
+        "fp16",
+        {
+            "stride_on": 1,
+            "stride_dn": 1,
+            "HAS_BIAS": True,
+            "STORE_DENSE": True,
+            "SPLIT_K": 4,
+            "BLOCK_M": 16,
+            "BLOCK_N": tp._DECODE_BLOCK_N,
+        },
+        4,
+        1,
     )
 
 
@@ -230,8 +260,12 @@ def test_compiled_kernels_refuse_cpu_tensors():
     layer = _layer(20, 16, 8, torch.float16, True, seed=0)
     with torch.no_grad(), pytest.raises(ValueError, match="CUDA"):
         pifa_forward(
-            torch.randn(2, 16).half(), layer.pivot.weight, layer.coeff.weight,
-            layer.pivot_idx, layer.nonpivot_index(), layer.bias,
+            torch.randn(2, 16).half(),
+            layer.pivot.weight,
+            layer.coeff.weight,
+            layer.pivot_idx,
+            layer.nonpivot_index(),
+            layer.bias,
         )
 
 
@@ -350,7 +384,11 @@ def test_import_without_triton():
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # so only the missing import says no
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -369,9 +407,24 @@ def test_interpreter_run():
     """Run this file's ``interpreted`` tests in a child with TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-o", "addopts=", "-p",
-         "no:cacheprovider", "-k", f"not ({' or '.join(_PARENT_ONLY)})"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            f"not ({' or '.join(_PARENT_ONLY)})",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, output

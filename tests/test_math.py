@@ -121,9 +121,7 @@ def test_output_permutation_restores_order():
     assert torch.equal(stacked[perm], y)
 
 
-@pytest.mark.parametrize(
-    "density", [0.0, -0.1, 1.5, math.nan, math.inf]
-)
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, math.nan, math.inf])
 def test_density_out_of_range(density):
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         rank_for_density(64, 64, density)

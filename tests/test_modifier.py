@@ -124,8 +124,7 @@ def test_m_beats_whitened_svd(tmp_path, tokenizer):
     """Weights of rank 6 + noise at density 0.3 (ranks 7-14): measured 0.230 / 0.256 / 0.354."""
     svd_llm = _output_error("llama", tmp_path / "a", tokenizer, reconstruct_steps=0)
     mpifa = _output_error("llama", tmp_path / "b", tokenizer)  # paper: λ 0.25, 2 steps
-    plain = _output_error("llama", tmp_path / "c", tokenizer, whitening="none",
-                          reconstruct_steps=0)
+    plain = _output_error("llama", tmp_path / "c", tokenizer, whitening="none", reconstruct_steps=0)
     assert mpifa < svd_llm < plain
 
 
@@ -160,8 +159,13 @@ def test_instance_recipe_and_yaml_replay(tmp_path, tokenizer):
 
 def test_per_module_densities(tmp_path, tokenizer):
     model = make_model("llama", tmp_path / "m")
-    run(model, PIFAModifier(density=0.5, densities={"down_proj": 0.2, "re:.*k_proj": 0.6},
-                            rank_multiple=1), tokenizer)
+    run(
+        model,
+        PIFAModifier(
+            density=0.5, densities={"down_proj": 0.2, "re:.*k_proj": 0.6}, rank_multiple=1
+        ),
+        tokenizer,
+    )
     layer = model.model.layers[1]
     assert layer.mlp.down_proj.density <= 0.2
     assert 0.5 < layer.self_attn.k_proj.density <= 0.6
@@ -212,16 +216,20 @@ def test_recipe_without_stage_key(tmp_path, tokenizer):
 
 def test_quantization_before_pifa_is_refused(tmp_path, tokenizer):
     model = make_model("llama", tmp_path / "m")
-    recipe = [GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]),
-              PIFAModifier(rank_multiple=4)]
+    recipe = [
+        GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]),
+        PIFAModifier(rank_multiple=4),
+    ]
     with pytest.raises(ValueError, match="comes before PIFAModifier"):
         run(model, recipe, tokenizer)
 
 
 def test_shared_sequential_pipeline_is_refused(tmp_path, tokenizer):
     model = make_model("llama", tmp_path / "m")
-    recipe = [PIFAModifier(rank_multiple=4),
-              GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"])]
+    recipe = [
+        PIFAModifier(rank_multiple=4),
+        GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]),
+    ]
     with pytest.raises(ValueError, match="must calibrate alone"):
         run(model, recipe, tokenizer, pipeline="sequential")
 

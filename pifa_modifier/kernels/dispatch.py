@@ -100,8 +100,7 @@ def supports_module(layer: PIFALinear, x: torch.Tensor) -> bool:
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     return layer.pivot_idx.device == x.device and all(
-        type(p.data) is torch.Tensor and p.dtype == x.dtype and p.device == x.device
-        for p in params
+        type(p.data) is torch.Tensor and p.dtype == x.dtype and p.device == x.device for p in params
     )
 
 

@@ -145,12 +145,39 @@ def _gemm_scatter_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _dot_loop(
-        a_ptr, w_ptr, offs_m, offs_n, 0, K, M, N, stride_am, stride_ak, stride_wn, stride_wk,
-        F32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        a_ptr,
+        w_ptr,
+        offs_m,
+        offs_n,
+        0,
+        K,
+        M,
+        N,
+        stride_am,
+        stride_ak,
+        stride_wn,
+        stride_wk,
+        F32_DOT,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
     )
     _store_columns(
-        acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, dense_ptr, stride_dm, stride_dn,
-        col_ptr, bias_ptr, HAS_BIAS, STORE_DENSE,
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        stride_on,
+        dense_ptr,
+        stride_dm,
+        stride_dn,
+        col_ptr,
+        bias_ptr,
+        HAS_BIAS,
+        STORE_DENSE,
     )
 
 
@@ -195,13 +222,40 @@ def _decode_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = _dot_loop(
-        a_ptr, w_ptr, offs_m, offs_n, k_start, k_end, M, N, stride_am, stride_ak, stride_wn,
-        stride_wk, F32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        a_ptr,
+        w_ptr,
+        offs_m,
+        offs_n,
+        k_start,
+        k_end,
+        M,
+        N,
+        stride_am,
+        stride_ak,
+        stride_wn,
+        stride_wk,
+        F32_DOT,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
     )
     if SPLIT_K == 1:
         _store_columns(
-            acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, dense_ptr, stride_dm,
-            stride_dn, col_ptr, bias_ptr, HAS_BIAS, STORE_DENSE,
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            out_ptr,
+            stride_om,
+            stride_on,
+            dense_ptr,
+            stride_dm,
+            stride_dn,
+            col_ptr,
+            bias_ptr,
+            HAS_BIAS,
+            STORE_DENSE,
         )
     else:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -237,8 +291,21 @@ def _splitk_reduce_kernel(
     for s in range(SPLIT_K):
         acc += tl.load(ws + s * M * N, mask=mask, other=0.0)
     _store_columns(
-        acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, dense_ptr, stride_dm, stride_dn,
-        col_ptr, bias_ptr, HAS_BIAS, STORE_DENSE,
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        stride_on,
+        dense_ptr,
+        stride_dm,
+        stride_dn,
+        col_ptr,
+        bias_ptr,
+        HAS_BIAS,
+        STORE_DENSE,
     )
 
 
@@ -246,13 +313,12 @@ def _splitk_reduce_kernel(
 INTERPRET = not isinstance(_gemm_scatter_kernel, triton.runtime.JITFunction)
 
 
-def _configs(
-    specs: list[tuple[int, ...]], names: tuple[str, ...]
-) -> list[triton.Config]:
+def _configs(specs: list[tuple[int, ...]], names: tuple[str, ...]) -> list[triton.Config]:
     """``triton.Config`` per ``(*block sizes, num_stages, num_warps)`` tuple."""
     return [
-        triton.Config(dict(zip(names, spec[:-2], strict=True)), num_stages=spec[-2],
-                      num_warps=spec[-1])
+        triton.Config(
+            dict(zip(names, spec[:-2], strict=True)), num_stages=spec[-2], num_warps=spec[-1]
+        )
         for spec in specs
     ]
 
@@ -305,9 +371,7 @@ _gemm_tuned = triton.autotune(
     key=["M_BUCKET", "N", "K"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )(_gemm_scatter_kernel)
-_decode_tuned = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "SPLIT_K"])(
-    _decode_kernel
-)
+_decode_tuned = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "SPLIT_K"])(_decode_kernel)
 
 
 @functools.cache
@@ -353,20 +417,45 @@ def _launch(
     dense_strides = (0, 0) if dense is None else dense.stride()
     if M <= DECODE_MAX_TOKENS:
         n_tiles = triton.cdiv(N, _DECODE_BLOCK_N)
-        split, k_per_split = decode_split(
-            n_tiles, K, _target_programs(a.device), _DECODE_K_ALIGN
-        )
+        split, k_per_split = decode_split(n_tiles, K, _target_programs(a.device), _DECODE_K_ALIGN)
         ws = a.new_empty((split, M, N), dtype=torch.float32) if split > 1 else out
         _decode_tuned[(n_tiles, split)](
-            a, w, ws, out, dense_arg, col_idx, bias_arg, M, N, K, k_per_split,
-            *a.stride(), *w.stride(), *out.stride(), *dense_strides,
-            F32_DOT=f32_dot, SPLIT_K=split, BLOCK_M=DECODE_MAX_TOKENS, BLOCK_N=_DECODE_BLOCK_N,
+            a,
+            w,
+            ws,
+            out,
+            dense_arg,
+            col_idx,
+            bias_arg,
+            M,
+            N,
+            K,
+            k_per_split,
+            *a.stride(),
+            *w.stride(),
+            *out.stride(),
+            *dense_strides,
+            F32_DOT=f32_dot,
+            SPLIT_K=split,
+            BLOCK_M=DECODE_MAX_TOKENS,
+            BLOCK_N=_DECODE_BLOCK_N,
             **epilogue,
         )
         if split > 1:
             _splitk_reduce_kernel[(n_tiles,)](
-                ws, out, dense_arg, col_idx, bias_arg, M, N, *out.stride(), *dense_strides,
-                SPLIT_K=split, BLOCK_M=DECODE_MAX_TOKENS, BLOCK_N=_DECODE_BLOCK_N, **epilogue,
+                ws,
+                out,
+                dense_arg,
+                col_idx,
+                bias_arg,
+                M,
+                N,
+                *out.stride(),
+                *dense_strides,
+                SPLIT_K=split,
+                BLOCK_M=DECODE_MAX_TOKENS,
+                BLOCK_N=_DECODE_BLOCK_N,
+                **epilogue,
             )
         return
 
@@ -374,8 +463,22 @@ def _launch(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _gemm_tuned[grid](
-        a, w, out, dense_arg, col_idx, bias_arg, M, N, K, triton.next_power_of_2(M),
-        *a.stride(), *w.stride(), *out.stride(), *dense_strides, F32_DOT=f32_dot, **epilogue,
+        a,
+        w,
+        out,
+        dense_arg,
+        col_idx,
+        bias_arg,
+        M,
+        N,
+        K,
+        triton.next_power_of_2(M),
+        *a.stride(),
+        *w.stride(),
+        *out.stride(),
+        *dense_strides,
+        F32_DOT=f32_dot,
+        **epilogue,
     )
 
 
@@ -434,7 +537,9 @@ def _check_inputs(
             raise ValueError(f"{name} has shape {tuple(got)}, expected {want}")
     floats = [x, pivot_weight, coeff_weight] + ([] if bias is None else [bias])
     if len({t.dtype for t in floats}) != 1 or x.dtype not in (
-        torch.float16, torch.bfloat16, torch.float32
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
     ):
         raise TypeError(
             "x, the weights and the bias must share one dtype among float16/bfloat16/float32, "

@@ -131,9 +131,7 @@ def factorize_dense(
 
 def _qrcp_pivots(basis: torch.Tensor) -> torch.Tensor:
     """First r column pivots of LAPACK's QR with column pivoting (geqp3) on ``basis^T``."""
-    _, perm = scipy.linalg.qr(
-        basis.T.cpu().numpy(), mode="r", pivoting=True, check_finite=False
-    )
+    _, perm = scipy.linalg.qr(basis.T.cpu().numpy(), mode="r", pivoting=True, check_finite=False)
     return torch.from_numpy(perm[: basis.shape[1]].copy()).to(basis.device)
 
 

@@ -22,12 +22,16 @@ def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     """``H + dampening * mean(diag H) * I`` in float64; raises if H carries no signal."""
     h = hessian.to(torch.float64)
     if not torch.isfinite(h).all():
-        raise ValueError("input statistics contain NaN or Inf: the calibration activations "
-                         "overflowed; calibrate in float32 or check the inputs")
+        raise ValueError(
+            "input statistics contain NaN or Inf: the calibration activations "
+            "overflowed; calibrate in float32 or check the inputs"
+        )
     scale = torch.diagonal(h).mean()
     if not scale > 0:
-        raise ValueError("input statistics are all zero: the layer saw no calibration "
-                         "tokens (or only zero activations); provide calibration data")
+        raise ValueError(
+            "input statistics are all zero: the layer saw no calibration "
+            "tokens (or only zero activations); provide calibration data"
+        )
     return h + (dampening * scale) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
@@ -48,8 +52,10 @@ def whitened_svd(
         if int(info) == 0:
             break
     else:
-        raise ValueError("input statistics are not positive definite even with 1000x "
-                         "dampening; raise `dampening` or check the calibration data")
+        raise ValueError(
+            "input statistics are not positive definite even with 1000x "
+            "dampening; raise `dampening` or check the calibration data"
+        )
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root

@@ -208,9 +208,7 @@ class PIFAModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs) -> None:
         others = [
-            type(m).__name__
-            for m in active_session().lifecycle.recipe.modifiers
-            if m is not self
+            type(m).__name__ for m in active_session().lifecycle.recipe.modifiers if m is not self
         ]
         if others:
             raise ValueError(
@@ -385,7 +383,12 @@ class PIFAModifier(Modifier):
         for i, call in enumerate(calls):
             with dense_mode(stash):
                 x_old, out = capture_inputs(
-                    layer, call.with_hidden(dense_hidden[i]), group, register, remove, device,
+                    layer,
+                    call.with_hidden(dense_hidden[i]),
+                    group,
+                    register,
+                    remove,
+                    device,
                     stop_early=dense_outputs is None,
                 )
             if dense_outputs is not None:
@@ -459,8 +462,14 @@ class PIFAModifier(Modifier):
             a, b = u[:, :rank] * s[:rank].sqrt(), s[:rank, None].sqrt() * vh[:rank]
         if self.reconstruct_steps and not dead:
             a, b = m_refit(
-                weight, a, b, stats.h_new, stats.cross,
-                self.old_output_factor, self.reconstruct_steps, self.ridge,
+                weight,
+                a,
+                b,
+                stats.h_new,
+                stats.cross,
+                self.old_output_factor,
+                self.reconstruct_steps,
+                self.ridge,
             )
         factors = pivot_factorize(a, b, tol=self.pivot_tol)
         hessian = stats.h_new if stats.h_new is not None else stats.h_old
@@ -519,9 +528,7 @@ def _density(plans: list[TargetPlan]) -> float:
     return kept / max(sum(p.out_features * p.in_features for p in plans), 1)
 
 
-def _swap_in_skeleton(
-    model: nn.Module, plan: TargetPlan
-) -> tuple[PIFALinear, nn.Linear | None]:
+def _swap_in_skeleton(model: nn.Module, plan: TargetPlan) -> tuple[PIFALinear, nn.Linear | None]:
     """Replace the linear by a skeleton; for an offloaded linear also return the linear.
 
     An offloaded linear (compressed-tensors ``OffloadCache``: cpu, device or disk)

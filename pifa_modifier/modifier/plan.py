@@ -36,9 +36,7 @@ class TargetPlan:
         return density_of_rank(self.out_features, self.in_features, self.rank)
 
 
-def find_decoder_layers(
-    model: nn.Module, sequential_targets: list[str]
-) -> dict[str, nn.Module]:
+def find_decoder_layers(model: nn.Module, sequential_targets: list[str]) -> dict[str, nn.Module]:
     """Decoder layers (the sequential pipeline's targets), by name, in model order."""
     layers = dict(match_named_modules(model, sequential_targets))
     if not layers:
@@ -107,15 +105,11 @@ def plan_targets(
             continue
         value = density_for(name, density, attn_density, mlp_density, densities)
         try:
-            rank = rank_for_density(
-                module.out_features, module.in_features, value, rank_multiple
-            )
+            rank = rank_for_density(module.out_features, module.in_features, value, rank_multiple)
         except ValueError as err:
             problems.append(f"{name}: {err}")
             continue
-        plans.append(
-            TargetPlan(name, layer_name, module.out_features, module.in_features, rank)
-        )
+        plans.append(TargetPlan(name, layer_name, module.out_features, module.in_features, rank))
     if problems:
         raise ValueError("PIFAModifier cannot compress:\n  - " + "\n  - ".join(problems))
     return plans
