@@ -212,9 +212,7 @@ def make_timer(
     return lambda: timer.blocked_autorange(min_run_time=min_run_time).median / graph_calls
 
 
-def torch_path_timer(
-    pifa: PIFALinear, x: torch.Tensor, **timing: float
-) -> Callable[[], float]:
+def torch_path_timer(pifa: PIFALinear, x: torch.Tensor, **timing: float) -> Callable[[], float]:
     """``make_timer`` for the torch path (the dispatch is bypassed while warming and timing)."""
     with torch_path_only():
         timer = make_timer(pifa, x, **timing)
@@ -264,8 +262,10 @@ def bench_shape(
     for tokens in args.tokens:
         x = torch.randn(tokens, n_in, generator=g).to(device, dtype)
         graph = device.type == "cuda" and tokens <= args.graph_max_tokens
-        timing = {"graph_calls": args.graph_calls if graph else 0,
-                  "min_run_time": args.min_run_time}
+        timing = {
+            "graph_calls": args.graph_calls if graph else 0,
+            "min_run_time": args.min_run_time,
+        }
         with torch.inference_mode():
             timers = {("dense", "dense"): make_timer(dense, x, **timing)}
             errors = {}
@@ -298,13 +298,18 @@ def bench_shape(
         del timers  # frees the CUDA graphs' memory pools before the next token count
         best = {key: min(values) for key, values in samples.items()}
         t_dense = best["dense", "dense"]
-        rows.append(_row("dense", "dense", 0, tokens, samples["dense", "dense"], n_in, n_out,
-                         elem, args))
+        rows.append(
+            _row("dense", "dense", 0, tokens, samples["dense", "dense"], n_in, n_out, elem, args)
+        )
         for label, (s, _, _) in models.items():
             times = {method: t for (lab, method), t in best.items() if lab == label}
             entry = {
-                "in_features": n_in, "out_features": n_out, "setting": label, "rank": s.rank,
-                "tokens": tokens, "density_pifa": s.density_pifa,
+                "in_features": n_in,
+                "out_features": n_out,
+                "setting": label,
+                "rank": s.rank,
+                "tokens": tokens,
+                "density_pifa": s.density_pifa,
                 "density_lowrank": s.density_lowrank,
                 "ideal_vs_lowrank": (n_in + n_out) / (n_in + n_out - s.rank),
                 "ideal_vs_dense": 1 / s.density_pifa,
@@ -316,8 +321,19 @@ def bench_shape(
                 if (label, f"pifa_w{bits}") in errors:
                     entry[f"max_rel_err_w{bits}_triton_vs_torch"] = errors[label, f"pifa_w{bits}"]
             for method, seconds in times.items():
-                rows.append(_row(method, label, s.rank, tokens, samples[label, method], n_in,
-                                 n_out, elem, args))
+                rows.append(
+                    _row(
+                        method,
+                        label,
+                        s.rank,
+                        tokens,
+                        samples[label, method],
+                        n_in,
+                        n_out,
+                        elem,
+                        args,
+                    )
+                )
                 if quant_bits(method) is not None:
                     entry[f"{method}_vs_pifa_torch"] = times["pifa_torch"] / seconds
                 if method != "lowrank":
@@ -331,14 +347,30 @@ def bench_shape(
 
 
 def _row(
-    method: str, setting: str, rank: int, tokens: int, rounds: list[float], n_in: int,
-    n_out: int, elem: int, args: argparse.Namespace,
+    method: str,
+    setting: str,
+    rank: int,
+    tokens: int,
+    rounds: list[float],
+    n_in: int,
+    n_out: int,
+    elem: int,
+    args: argparse.Namespace,
 ) -> Row:
     seconds = min(rounds)
     tf = flops(method, tokens, n_in, n_out, rank) / seconds / 1e12
     gb = min_bytes(method, tokens, n_in, n_out, rank, elem, args.quant_group_size) / seconds / 1e9
     return Row(
-        n_in, n_out, setting, rank, tokens, method, seconds, rounds, tf, gb,
+        n_in,
+        n_out,
+        setting,
+        rank,
+        tokens,
+        method,
+        seconds,
+        rounds,
+        tf,
+        gb,
         100 * tf / args.peak_tflops if args.peak_tflops else None,
         100 * gb / args.peak_gbps if args.peak_gbps else None,
     )
@@ -371,11 +403,19 @@ def plot(ratios: list[dict], path: Path, title: str) -> None:
         for row, versus in enumerate(("lowrank", "dense")):
             ax = axes[row][col]
             for label in labels:
-                pts = [e for e in ratios if (e["in_features"], e["out_features"]) == shape
-                       and e["setting"] == label]
+                pts = [
+                    e
+                    for e in ratios
+                    if (e["in_features"], e["out_features"]) == shape and e["setting"] == label
+                ]
                 tokens = [e["tokens"] for e in pts]
-                ax.plot(tokens, [e[f"{best}_vs_{versus}"] for e in pts], "o-",
-                        color=colors[label], label=label)
+                ax.plot(
+                    tokens,
+                    [e[f"{best}_vs_{versus}"] for e in pts],
+                    "o-",
+                    color=colors[label],
+                    label=label,
+                )
                 ax.axhline(pts[0][f"ideal_vs_{versus}"], color=colors[label], ls=":", lw=1)
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_xscale("log")
@@ -432,8 +472,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda needs a GPU; use --device cpu for the reduced CPU grid")
     args.dtype = args.dtype or ("float16" if gpu else "float32")
-    args.shapes = [tuple(map(int, s.lower().split("x"))) for s in args.shapes] if args.shapes else (
-        GPU_SHAPES if gpu else CPU_SHAPES
+    args.shapes = (
+        [tuple(map(int, s.lower().split("x"))) for s in args.shapes]
+        if args.shapes
+        else (GPU_SHAPES if gpu else CPU_SHAPES)
     )
     args.tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     args.rank_multiple = args.rank_multiple or (128 if gpu else 64)
@@ -455,18 +497,26 @@ def main(argv: list[str] | None = None) -> None:
         ratios += shape_ratios
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     meta = {
-        "device": args.device, "device_name": device_name, "dtype": args.dtype,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": args.device,
+        "device_name": device_name,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "shape_convention": "(in_features, out_features), nn.Linear(in, out)",
         "ranks": "same rank for lowrank and PIFA; r/d uses d = min(in, out)",
-        "rank_multiple": args.rank_multiple, "tokens": args.tokens,
+        "rank_multiple": args.rank_multiple,
+        "tokens": args.tokens,
         "quant_bits": args.quant_bits,
         "quant_group_size": args.quant_group_size,
         "quant": "RTN symmetric int, packed as compressed-tensors pack-quantized",
-        "peak_tflops": args.peak_tflops, "peak_gbps": args.peak_gbps,
+        "peak_tflops": args.peak_tflops,
+        "peak_gbps": args.peak_gbps,
         "graph_calls": args.graph_calls if args.device == "cuda" else 0,
-        "graph_max_tokens": args.graph_max_tokens, "min_run_time_s": args.min_run_time,
-        "rounds": args.rounds, "loadavg_start": load_start,
+        "graph_max_tokens": args.graph_max_tokens,
+        "min_run_time_s": args.min_run_time,
+        "rounds": args.rounds,
+        "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "wall_s": round(time.time() - started, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
