@@ -188,7 +188,20 @@ def mpifa_w4a16_coeff8(model: nn.Module, calib: Dataset, args: argparse.Namespac
     return _recipe_file("mpifa_w4a16_coeff8", model, calib, args)
 
 
-FIXED_DENSITY = {"mpifa_w4a16", "mpifa_w4a16_coeff8", "sparsegpt24", "wanda24", "gptq_w4a16"}
+@method("mpifa_w4a16_chan")
+def mpifa_w4a16_chan(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
+    """recipes/mpifa_w4a16_chan.yaml: ranks multiples of 16, P int4 g64, C int4 per channel."""
+    return _recipe_file("mpifa_w4a16_chan", model, calib, args)
+
+
+FIXED_DENSITY = {
+    "mpifa_w4a16",
+    "mpifa_w4a16_coeff8",
+    "mpifa_w4a16_chan",
+    "sparsegpt24",
+    "wanda24",
+    "gptq_w4a16",
+}
 
 
 def entry_name(name: str, density: float) -> str:
