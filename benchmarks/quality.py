@@ -392,15 +392,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    fixed = sorted(FIXED_DENSITY.intersection(args.methods))
-    if args.density != 0.5 and fixed:
-        raise SystemExit(f"--density applies to PIFA methods only; drop {fixed} from --methods")
     if args.worker:
         result = run_method(args.worker, args)
         args.worker_out.write_text(json.dumps(result))
         print(f"== {args.worker}: {markdown_table({args.worker: result}).splitlines()[-1]}")
         return 0
 
+    fixed = sorted(FIXED_DENSITY.intersection(args.methods))
+    if args.density != 0.5 and fixed:
+        raise SystemExit(f"--density applies to PIFA methods only; drop {fixed} from --methods")
     MODELS[args.model][0]()  # convert once here, not concurrently in the workers
     args.results = args.results or RESULTS_DIR / f"quality_{args.model}.json"
     protocol = {
