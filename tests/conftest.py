@@ -62,6 +62,20 @@ def make_model(
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def make_wide_llama(path: Path):
+    """One-layer Llama 256 wide, head_dim 64: group size 64 and rank_multiple 64 both fit."""
+    return make_model(
+        "llama",
+        path,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_hidden_layers=1,
+    )
+
+
 def calibration_dataset(num: int = 16, seq_len: int = 32, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (num, seq_len), generator=g)

