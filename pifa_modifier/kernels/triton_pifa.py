@@ -23,6 +23,8 @@ under the interpreter is slow and meaningless.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -397,17 +399,39 @@ def decode_split(n_tiles: int, k: int, target_programs: int, align: int) -> tupl
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def _launch(
+@dataclass(frozen=True)
+class KernelPair:
+    """A decode (split-K) and a prefill kernel that take the same arguments.
+
+    Both are called as ``(a, *weights, out-or-workspace, [out,] dense, col_idx, bias, M, N,
+    K, ...strides)``: only the weight tensors differ between the float and packed kernels.
+    """
+
+    decode: Callable
+    gemm: Callable
+    decode_block_n: int
+    k_align: int
+
+
+def launch_scatter_gemm(
+    kernels: KernelPair,
     a: torch.Tensor,
-    w: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    weight_strides: tuple[int, ...],
+    n_out: int,
     out: torch.Tensor,
     dense: torch.Tensor | None,
     col_idx: torch.Tensor,
     bias: torch.Tensor | None,
+    **constexprs: int,
 ) -> None:
-    """``out[:, col_idx] = a @ w.T (+ bias[col_idx])``, and ``dense = a @ w.T`` if given."""
+    """``out[:, col_idx] = a @ W.T (+ bias[col_idx])``, and ``dense = a @ W.T`` if given.
+
+    Up to ``DECODE_MAX_TOKENS`` rows take the split-K decode kernel (reduced by
+    ``_splitk_reduce_kernel`` when split), more take the tiled GEMM.
+    """
     M, K = a.shape
-    N = w.shape[0]
+    N = n_out
     epilogue = {"HAS_BIAS": bias is not None, "STORE_DENSE": dense is not None}
     # fp32 inputs: exact (not TF32) products. bf16 under the interpreter: its tl.dot
     # runs np.matmul on bf16's uint16 storage, so upcast (exact for bf16 products).
@@ -416,12 +440,13 @@ def _launch(
     bias_arg = col_idx if bias is None else bias
     dense_strides = (0, 0) if dense is None else dense.stride()
     if M <= DECODE_MAX_TOKENS:
-        n_tiles = triton.cdiv(N, _DECODE_BLOCK_N)
-        split, k_per_split = decode_split(n_tiles, K, _target_programs(a.device), _DECODE_K_ALIGN)
+        n_tiles = triton.cdiv(N, kernels.decode_block_n)
+        split, k_per_split = decode_split(n_tiles, K, _target_programs(a.device), kernels.k_align)
         ws = a.new_empty((split, M, N), dtype=torch.float32) if split > 1 else out
-        _decode_tuned[(n_tiles, split)](
+        tiles = {"BLOCK_M": DECODE_MAX_TOKENS, "BLOCK_N": kernels.decode_block_n}
+        kernels.decode[(n_tiles, split)](
             a,
-            w,
+            *weights,
             ws,
             out,
             dense_arg,
@@ -432,13 +457,13 @@ def _launch(
             K,
             k_per_split,
             *a.stride(),
-            *w.stride(),
+            *weight_strides,
             *out.stride(),
             *dense_strides,
             F32_DOT=f32_dot,
             SPLIT_K=split,
-            BLOCK_M=DECODE_MAX_TOKENS,
-            BLOCK_N=_DECODE_BLOCK_N,
+            **tiles,
+            **constexprs,
             **epilogue,
         )
         if split > 1:
@@ -453,8 +478,7 @@ def _launch(
                 *out.stride(),
                 *dense_strides,
                 SPLIT_K=split,
-                BLOCK_M=DECODE_MAX_TOKENS,
-                BLOCK_N=_DECODE_BLOCK_N,
+                **tiles,
                 **epilogue,
             )
         return
@@ -462,9 +486,9 @@ def _launch(
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gemm_tuned[grid](
+    kernels.gemm[grid](
         a,
-        w,
+        *weights,
         out,
         dense_arg,
         col_idx,
@@ -474,12 +498,28 @@ def _launch(
         K,
         triton.next_power_of_2(M),
         *a.stride(),
-        *w.stride(),
+        *weight_strides,
         *out.stride(),
         *dense_strides,
         F32_DOT=f32_dot,
+        **constexprs,
         **epilogue,
     )
+
+
+_FLOAT_KERNELS = KernelPair(_decode_tuned, _gemm_tuned, _DECODE_BLOCK_N, _DECODE_K_ALIGN)
+
+
+def _launch(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    dense: torch.Tensor | None,
+    col_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    """``out[:, col_idx] = a @ w.T (+ bias[col_idx])``, and ``dense = a @ w.T`` if given."""
+    launch_scatter_gemm(_FLOAT_KERNELS, a, (w,), w.stride(), w.shape[0], out, dense, col_idx, bias)
 
 
 def pifa_forward(

@@ -28,14 +28,12 @@ import triton.language as tl
 
 from pifa_modifier.kernels.packed import SUPPORTED_BITS, PackedWeight
 from pifa_modifier.kernels.triton_pifa import (
-    DECODE_MAX_TOKENS,
     INTERPRET,
+    KernelPair,
     _configs,
     _prune_gemm_configs,
-    _splitk_reduce_kernel,
     _store_columns,
-    _target_programs,
-    decode_split,
+    launch_scatter_gemm,
 )
 
 __all__ = ["pifa_quant_forward"]
@@ -327,6 +325,9 @@ _qdecode_tuned = triton.autotune(
 )(_qdecode_kernel)
 
 
+_QUANT_KERNELS = KernelPair(_qdecode_tuned, _qgemm_tuned, _DECODE_BLOCK_N, _DECODE_K_ALIGN)
+
+
 def _launch(
     a: torch.Tensor,
     w: PackedWeight,
@@ -336,86 +337,19 @@ def _launch(
     bias: torch.Tensor | None,
 ) -> None:
     """``out[:, col_idx] = a @ W.T (+ bias[col_idx])`` and ``dense = a @ W.T``, W = dequant(w)."""
-    M, K = a.shape
-    N = w.out_features
-    quant = {
-        "BITS": w.num_bits,
-        # one group per row: a constant 0 instead of K, so K does not specialise the kernel
-        "GROUP_SIZE": 0 if w.group_size == K else w.group_size,
-    }
-    epilogue = {"HAS_BIAS": bias is not None, "STORE_DENSE": dense is not None}
-    f32_dot = a.dtype == torch.float32 or (INTERPRET and a.dtype == torch.bfloat16)
-    dense_arg = out if dense is None else dense
-    bias_arg = col_idx if bias is None else bias
-    dense_strides = (0, 0) if dense is None else dense.stride()
-    weights = (w.packed, w.scale)
-    weight_strides = (*w.packed.stride(), *w.scale.stride())
-    if M <= DECODE_MAX_TOKENS:
-        n_tiles = triton.cdiv(N, _DECODE_BLOCK_N)
-        split, k_per_split = decode_split(n_tiles, K, _target_programs(a.device), _DECODE_K_ALIGN)
-        ws = a.new_empty((split, M, N), dtype=torch.float32) if split > 1 else out
-        _qdecode_tuned[(n_tiles, split)](
-            a,
-            *weights,
-            ws,
-            out,
-            dense_arg,
-            col_idx,
-            bias_arg,
-            M,
-            N,
-            K,
-            k_per_split,
-            *a.stride(),
-            *weight_strides,
-            *out.stride(),
-            *dense_strides,
-            F32_DOT=f32_dot,
-            SPLIT_K=split,
-            BLOCK_M=DECODE_MAX_TOKENS,
-            BLOCK_N=_DECODE_BLOCK_N,
-            **quant,
-            **epilogue,
-        )
-        if split > 1:
-            _splitk_reduce_kernel[(n_tiles,)](
-                ws,
-                out,
-                dense_arg,
-                col_idx,
-                bias_arg,
-                M,
-                N,
-                *out.stride(),
-                *dense_strides,
-                SPLIT_K=split,
-                BLOCK_M=DECODE_MAX_TOKENS,
-                BLOCK_N=_DECODE_BLOCK_N,
-                **epilogue,
-            )
-        return
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _qgemm_tuned[grid](
+    launch_scatter_gemm(
+        _QUANT_KERNELS,
         a,
-        *weights,
+        (w.packed, w.scale),
+        (*w.packed.stride(), *w.scale.stride()),
+        w.out_features,
         out,
-        dense_arg,
+        dense,
         col_idx,
-        bias_arg,
-        M,
-        N,
-        K,
-        triton.next_power_of_2(M),
-        *a.stride(),
-        *weight_strides,
-        *out.stride(),
-        *dense_strides,
-        F32_DOT=f32_dot,
-        **quant,
-        **epilogue,
+        bias,
+        BITS=w.num_bits,
+        # one group per row: a constant 0 instead of K, so K does not specialise the kernel
+        GROUP_SIZE=0 if w.group_size == a.shape[1] else w.group_size,
     )
 
 
