@@ -195,24 +195,13 @@ def compress(
     tokenizer = load_tokenizer(model)
     windows = load_windows(tokenizer, dataset, num_samples, seq_len)
 
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from pifa_modifier.eval import calibration_dataset
+    from pifa_modifier.eval import oneshot_windows
 
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype])
     loaded.eval()
-    oneshot_start = time.perf_counter()
-    oneshot(
-        model=loaded,
-        dataset=calibration_dataset(windows),
-        recipe=str(recipe),
-        processor=tokenizer,
-        num_calibration_samples=num_samples,
-        max_seq_length=seq_len,
-        shuffle_calibration_samples=False,
-    )
-    compress_seconds = time.perf_counter() - oneshot_start
+    compress_seconds = oneshot_windows(loaded, windows, str(recipe), tokenizer)
     dense, kept = pifa_param_counts(loaded)
     loaded.save_pretrained(output, save_compressed=True)
     tokenizer.save_pretrained(output)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pifa_modifier.eval import (
-    calibration_dataset,
     calibration_windows,
+    oneshot_windows,
     perplexity,
     smollm2_path,
     wiki_token_ids,
@@ -80,7 +79,6 @@ def run_demo(
     seq_len: int = 512,
 ) -> DemoResult:
     """Compress, evaluate (protocol perplexity), save, reload, check, generate."""
-    from llmcompressor import oneshot
 
     import pifa_modifier  # noqa: F401  (registers PIFAModifier, installs the loader)
 
@@ -100,17 +98,7 @@ def run_demo(
     dense_ppl = perplexity(model, test_ids, seq_len, eval_windows).ppl
     logger.info(f"dense perplexity {dense_ppl:.3f}; compressing with {recipe}")
 
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=calibration_dataset(windows),
-        recipe=str(recipe),
-        processor=tokenizer,
-        num_calibration_samples=calib_windows,
-        max_seq_length=seq_len,
-        shuffle_calibration_samples=False,
-    )
-    seconds = time.perf_counter() - start
+    seconds = oneshot_windows(model, windows, str(recipe), tokenizer)
     dense_params, kept_params = pifa_param_counts(model)
     compressed_ppl = perplexity(model, test_ids, seq_len, eval_windows).ppl
     logger.info(f"compressed perplexity {compressed_ppl:.3f} in {seconds:.0f}s")

@@ -16,6 +16,7 @@ from pifa_modifier.eval.assets import (
 from pifa_modifier.eval.calibration import (
     calibration_dataset,
     calibration_windows,
+    oneshot_windows,
     text_windows,
 )
 from pifa_modifier.eval.perplexity import NonFiniteError, PerplexityResult, perplexity
@@ -28,6 +29,7 @@ __all__ = [
     "cache_root",
     "calibration_dataset",
     "calibration_windows",
+    "oneshot_windows",
     "perplexity",
     "qwen25_05b_path",
     "read_texts",

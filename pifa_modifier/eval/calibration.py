@@ -6,8 +6,9 @@ sample is a full ``seq_len`` tokens and none needs padding or truncation.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -15,9 +16,10 @@ from datasets import Dataset
 from pifa_modifier.eval.assets import tokenize_text
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["calibration_dataset", "calibration_windows", "text_windows"]
+__all__ = ["calibration_dataset", "calibration_windows", "oneshot_windows", "text_windows"]
 
 
 def calibration_windows(
@@ -81,3 +83,28 @@ def calibration_dataset(windows: torch.Tensor) -> Dataset:
     return Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     )
+
+
+def oneshot_windows(
+    model: nn.Module, windows: torch.Tensor, recipe: Any, processor: Any = None
+) -> float:
+    """``llmcompressor.oneshot`` on ``windows`` (each once, in order); returns its seconds.
+
+    Every window is exactly ``seq_len`` tokens, so the default truncation collator changes
+    nothing. ``processor=None`` lets oneshot find the tokenizer next to the model (it
+    insists on one when given a dataset, though pre-tokenized windows never use it).
+    """
+    from llmcompressor import oneshot
+
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=calibration_dataset(windows),
+        recipe=recipe,
+        processor=processor,
+        num_calibration_samples=windows.shape[0],
+        max_seq_length=windows.shape[1],
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
+    return time.perf_counter() - start
