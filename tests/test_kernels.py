@@ -402,26 +402,24 @@ _PARENT_ONLY = (
 )
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
-def test_interpreter_run():
-    """Run this file's ``interpreted`` tests in a child with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def run_interpreted(test_file: str, parent_only: tuple[str, ...], **env: str) -> None:
+    """Run ``test_file``'s tests but ``parent_only`` in a child with TRITON_INTERPRET=1."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "pytest",
-            __file__,
+            test_file,
             "-q",
             "-o",
             "addopts=",
             "-p",
             "no:cacheprovider",
             "-k",
-            f"not ({' or '.join(_PARENT_ONLY)})",
+            f"not ({' or '.join(parent_only)})",
         ],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "TRITON_INTERPRET": "1", **env},
         capture_output=True,
         text=True,
         timeout=600,
@@ -429,4 +427,10 @@ def test_interpreter_run():
     output = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, output
     # Nothing may be skipped there: a skipped kernel test would pass silently.
-    assert re.search(rf"\d+ passed, {len(_PARENT_ONLY)} deselected in", proc.stdout), output
+    assert re.search(rf"\d+ passed, {len(parent_only)} deselected in", proc.stdout), output
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
+def test_interpreter_run():
+    """Run this file's ``interpreted`` tests in a child with TRITON_INTERPRET=1."""
+    run_interpreted(__file__, _PARENT_ONLY)

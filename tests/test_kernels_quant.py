@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ import torch
 from compressed_tensors.compressors.base import decompress_module
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from conftest import calibration_dataset, make_model, make_tokenizer
-from test_kernels import REL_TOL, _compile_for, _layer, _rel_err
+from test_kernels import REL_TOL, _compile_for, _layer, _rel_err, run_interpreted
 from torch import nn
 
 import pifa_modifier.module as pifa_module
@@ -464,28 +461,4 @@ _PARENT_ONLY = (
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_interpreter_run(w4_checkpoint):
     """Run this file's tests in a child with TRITON_INTERPRET=1 (checkpoint built here)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", CKPT_ENV: str(w4_checkpoint)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            __file__,
-            "-q",
-            "-o",
-            "addopts=",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            f"not ({' or '.join(_PARENT_ONLY)})",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, output
-    # Nothing may be skipped there: a skipped kernel test would pass silently.
-    assert re.search(rf"\d+ passed, {len(_PARENT_ONLY)} deselected in", proc.stdout), output
+    run_interpreted(__file__, _PARENT_ONLY, **{CKPT_ENV: str(w4_checkpoint)})
