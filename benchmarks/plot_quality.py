@@ -1,10 +1,10 @@
 """Perplexity vs density and vs checkpoint size from ``quality.py`` results (JSON in, PNG out).
 
 Entries named ``method@density`` (a ``--density`` sweep) and plain ``method`` entries
-become one curve per method. A method's density is its measured PIFA density, else the
-kept (non-zero) share of its decoder weights (2:4 → 0.5), else 1; ``+w4a16`` variants are
-dashed. Panels: wiki perplexity and out-of-domain (chat) perplexity against density, and
-wiki perplexity against the checkpoint's size on disk. Needs matplotlib (``.[bench]``).
+become one curve per method. A method's density is its measured PIFA density, 0.5 for
+2:4 pruning, else 1; ``+w4a16`` variants are dashed. Panels: wiki perplexity and
+out-of-domain (chat) perplexity against density, and wiki perplexity against the
+checkpoint's size on disk. Needs matplotlib (``.[bench]``).
 
     python benchmarks/plot_quality.py benchmarks/results/sweep_smollm2.json \\
         --out benchmarks/results/sweep_smollm2.png
@@ -30,11 +30,14 @@ X_LABELS = {
 }
 
 
-def entry_density(result: dict) -> float:
-    """PIFA density, else the share of non-zero decoder weights, else 1 (dense)."""
+def entry_density(name: str, result: dict) -> float:
+    """PIFA density, else 0.5 for 2:4 pruning (``*24`` methods), else 1 (dense weights).
+
+    Counting zeros would not do: 4-bit rounding zeroes weights too.
+    """
     if result.get("density"):
         return result["density"]
-    return 1.0 - result.get("zero_fraction", 0.0)
+    return 0.5 if name.partition("+")[0].endswith("24") else 1.0
 
 
 def curves(methods: dict[str, dict], y: str, x: str) -> dict[str, list[tuple[float, float]]]:
@@ -44,7 +47,7 @@ def curves(methods: dict[str, dict], y: str, x: str) -> dict[str, list[tuple[flo
         if y not in result:
             continue
         if x == "density":
-            xv = entry_density(result)
+            xv = entry_density(key, result)
         elif "checkpoint_bytes" in result:
             xv = result["checkpoint_bytes"] / 1e6
         else:
@@ -53,7 +56,7 @@ def curves(methods: dict[str, dict], y: str, x: str) -> dict[str, list[tuple[flo
     return {name: sorted(p) for name, p in sorted(points.items())}
 
 
-def plot(results: dict, out: Path, title: str) -> None:
+def plot(results: dict, out: Path, title: str, max_ppl: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,9 +68,13 @@ def plot(results: dict, out: Path, title: str) -> None:
     colors: dict[str, str] = {}
     for ax, (y, label, x) in zip(axes[0], panels, strict=True):
         for name, pts in curves(methods, y, x).items():
+            kept = [(xv, yv) for xv, yv in pts if yv <= max_ppl]
+            if not kept:  # e.g. plain SVD: listed, not drawn, so the scale stays readable
+                ax.plot([], [], " ", label=f"{name}: PPL > {max_ppl:g}, off scale")
+                continue
             base = name.removesuffix("+w4a16")
             colors.setdefault(base, f"C{len(colors) % 10}")
-            xs, ys = zip(*pts, strict=True)
+            xs, ys = zip(*kept, strict=True)
             style = "--" if name.endswith("+w4a16") else "-"
             marker = "s" if name.endswith("+w4a16") else "o"
             ax.plot(xs, ys, style, marker=marker, color=colors[base], label=name)
@@ -92,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="JSON written by benchmarks/quality.py")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="SmolLM2-135M")
+    parser.add_argument(
+        "--max-ppl", type=float, default=1e4, help="points above are left out (named in the legend)"
+    )
     args = parser.parse_args(argv)
     if not args.results.is_file():
         print(f"{args.results}: no such results file; run benchmarks/quality.py", file=sys.stderr)
         return 2
-    plot(json.loads(args.results.read_text()), args.out, args.title)
+    plot(json.loads(args.results.read_text()), args.out, args.title, args.max_ppl)
     print(f"wrote {args.out}")
     return 0
 

@@ -395,24 +395,34 @@ def environment() -> dict:
     return {"versions": versions, "machine": platform.machine(), "cpus": os.cpu_count()}
 
 
+def kept_share(name: str, r: dict) -> str:
+    """Kept share of the decoder linears' parameters: PIFA density, 2:4 → 0.5, else 1."""
+    if r.get("density"):
+        return f"{r['density']:.4f}"
+    return "0.5" if name.partition("+")[0].endswith("24") else "1"
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per method: perplexities, density, time, peak RSS, checkpoint and round trip."""
     lines = [
-        "| method | wiki PPL | chat PPL (OOD) | PIFA density | compress (s) "
+        "| method | wiki PPL | chat PPL (OOD) | density | compress (s) "
         "| peak RSS (MiB) | checkpoint (MB) | reload max abs logit diff |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ppl(value: float) -> str:
+        return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
+
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | | | | | |")
             continue
-        ood = f"{r['ppl_ood']:.2f}" if "ppl_ood" in r else ""
-        density = f"{r['density']:.4f}" if r.get("density") else ""
+        ood = ppl(r["ppl_ood"]) if "ppl_ood" in r else ""
         size = f"{r['checkpoint_bytes'] / 1e6:.1f}" if "checkpoint_bytes" in r else ""
         diff = f"{r['reload_max_abs_logit_diff']:g}" if "checkpoint_bytes" in r else ""
         lines.append(
-            f"| {name} | {r['ppl']:.2f} | {ood} | {density} | {r['compress_wall_s']:.0f} "
-            f"| {r['peak_rss_compress_mib']:.0f} | {size} | {diff} |"
+            f"| {name} | {ppl(r['ppl'])} | {ood} | {kept_share(name, r)} "
+            f"| {r['compress_wall_s']:.0f} | {r['peak_rss_compress_mib']:.0f} | {size} | {diff} |"
         )
     return "\n".join(lines)
 

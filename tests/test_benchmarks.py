@@ -116,11 +116,17 @@ def test_markdown_table_rows():
                 "checkpoint_bytes": 2e6,
                 "reload_max_abs_logit_diff": 0.0,
             },
+            "svd": {
+                "ppl": 6.7e7,
+                "compress_wall_s": 3.0,
+                "peak_rss_compress_mib": 800.0,
+            },
             "wanda24": {"error": "worker exited with status 1"},
         }
     ).splitlines()
     assert table[2] == "| mpifa@0.7 | 20.00 | 30.50 | 0.6900 | 12 | 900 | 2.0 | 0 |"
-    assert table[3].startswith("| wanda24 | worker exited with status 1 |")
+    assert table[3] == "| svd | 6.70e+07 |  | 1 | 3 | 800 |  |  |"
+    assert table[4].startswith("| wanda24 | worker exited with status 1 |")
 
 
 def test_table_needs_a_results_file(tmp_path: Path):
@@ -148,12 +154,14 @@ def test_plot_curves_and_png(tmp_path: Path):
     methods = {
         "dense": {"ppl": 14.0, "ppl_ood": 9.0, "checkpoint_bytes": 5e8},
         "wanda24": {"ppl": 120.0, "zero_fraction": 0.5, "checkpoint_bytes": 5e8},
+        "gptq_w4a16": {"ppl": 18.0, "zero_fraction": 0.15},  # rounding zeros are kept
         "mpifa": {"ppl": 70.0, "ppl_ood": 40.0, "density": 0.49, "checkpoint_bytes": 3e8},
         "mpifa@0.8": {"ppl": 20.0, "ppl_ood": 15.0, "density": 0.79},
         "failed": {"error": "worker exited with status 1"},
     }
     assert plot_quality.curves(methods, "ppl", "density") == {
         "dense": [(1.0, 14.0)],
+        "gptq_w4a16": [(1.0, 18.0)],
         "mpifa": [(0.49, 70.0), (0.79, 20.0)],
         "wanda24": [(0.5, 120.0)],
     }
