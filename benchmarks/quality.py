@@ -402,6 +402,17 @@ def kept_share(name: str, r: dict) -> str:
     return "0.5" if name.partition("+")[0].endswith("24") else "1"
 
 
+def sorted_entries(results: dict[str, dict]) -> dict[str, dict]:
+    """Entries grouped by method (registration order), densities ascending within one."""
+    order = {name: i for i, name in enumerate(METHODS)}
+
+    def key(entry: str) -> tuple[int, float]:
+        name, _, density = entry.partition("@")
+        return order.get(name, len(order)), float(density or 0.5)
+
+    return {entry: results[entry] for entry in sorted(results, key=key)}
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per method: perplexities, density, time, peak RSS, checkpoint and round trip."""
     lines = [
@@ -480,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         if not args.results.is_file():
             raise SystemExit(f"{args.results}: no results yet; run the methods first")
-        print(markdown_table(json.loads(args.results.read_text())["methods"]))
+        print(markdown_table(sorted_entries(json.loads(args.results.read_text())["methods"])))
         return 0
     fixed = sorted(set(args.methods) - SWEEPS)
     if args.density != 0.5 and fixed:

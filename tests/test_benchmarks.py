@@ -129,6 +129,13 @@ def test_markdown_table_rows():
     assert table[4].startswith("| wanda24 | worker exited with status 1 |")
 
 
+def test_table_groups_methods_and_sorts_densities():
+    entries = dict.fromkeys(["mpifa@0.7", "svd", "mpifa", "dense", "mpifa@0.4", "other"], {})
+    assert list(quality.sorted_entries(entries)) == [
+        "dense", "svd", "mpifa@0.4", "mpifa", "mpifa@0.7", "other",
+    ]  # fmt: skip
+
+
 def test_table_needs_a_results_file(tmp_path: Path):
     with pytest.raises(SystemExit, match="no results yet"):
         quality.main(["--table", "--results", str(tmp_path / "none.json")])
