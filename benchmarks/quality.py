@@ -36,15 +36,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import Dataset
-from llmcompressor import oneshot
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pifa_modifier  # noqa: F401  (registers PIFAModifier, installs the PIFA loader)
 from pifa_modifier.eval import (
-    calibration_dataset,
     calibration_windows,
+    oneshot_windows,
     perplexity,
     qwen25_05b_path,
     sharegpt_text,
@@ -128,23 +126,11 @@ def method(
     return register
 
 
-def run_oneshot(model: nn.Module, calib: Dataset, args: argparse.Namespace, recipe: Recipe | str):
-    """``llmcompressor.oneshot`` on the pre-tokenized windows, each used once, unchanged.
-
-    ``shuffle_calibration_samples=False`` gives a fixed order that leaves the global torch
-    RNG alone; every window is exactly ``seq_len`` tokens, so the default truncation
-    collator changes nothing. The tokenizer is found next to the model (the cached HF
-    directory); oneshot insists on one when given a dataset, though it never uses it.
-    """
-    return oneshot(
-        model=model,
-        recipe=recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False),
-        dataset=calib,
-        num_calibration_samples=len(calib),
-        max_seq_length=args.seq_len,
-        shuffle_calibration_samples=False,
-        batch_size=1,
-    )
+def run_oneshot(model: nn.Module, windows: torch.Tensor, recipe: Recipe | str) -> nn.Module:
+    """``oneshot`` with ``recipe`` (a recipe file, or stages as YAML) on the windows, in order."""
+    text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False)
+    oneshot_windows(model, windows, text)
+    return model
 
 
 @method("dense")
@@ -303,7 +289,6 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     train_ids, test_ids = wiki_token_ids(tokenizer)
     windows = calibration_windows(train_ids, args.num_samples, args.seq_len, args.seed)
-    calib = calibration_dataset(windows)
     args.num_layers = model.config.num_hidden_layers
     ood_ids = tokenize_text(tokenizer, sharegpt_text()) if args.ood_windows else None
     rss_before = peak_rss_mib()
@@ -311,7 +296,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     recipe = METHODS[name](args)
     if recipe is not None:
-        model = run_oneshot(model, calib, args, recipe)
+        model = run_oneshot(model, windows, recipe)
     compress_s = time.perf_counter() - start
     rss_compress = peak_rss_mib()
 

@@ -15,18 +15,16 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pifa_modifier import PIFAModifier
 from pifa_modifier.demo import pifa_param_counts
 from pifa_modifier.eval import (
-    calibration_dataset,
     calibration_windows,
+    oneshot_windows,
     perplexity,
     smollm2_path,
     wiki_token_ids,
@@ -45,21 +43,13 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def run_variant(name: str, args: argparse.Namespace, calib, test_ids: torch.Tensor) -> dict:
+def run_variant(
+    name: str, args: argparse.Namespace, windows: torch.Tensor, test_ids: torch.Tensor
+) -> dict:
     """Compress a fresh model with the variant's fields and score it."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     fields = {"density": 0.5, "rank_multiple": 8, "ignore": ["lm_head"], **VARIANTS[name]}
-    start = time.perf_counter()
-    model = oneshot(
-        model=model,
-        recipe=PIFAModifier(**fields),
-        dataset=calib,
-        num_calibration_samples=len(calib),
-        max_seq_length=args.seq_len,
-        shuffle_calibration_samples=False,
-        batch_size=1,
-    )
-    compress_s = time.perf_counter() - start
+    compress_s = oneshot_windows(model, windows, PIFAModifier(**fields))
     dense, kept = pifa_param_counts(model)
     ppl = perplexity(model, test_ids, args.seq_len, args.eval_windows).ppl
     return {"fields": VARIANTS[name], "ppl": ppl, "density": kept / dense, "compress_s": compress_s}
@@ -76,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     train_ids, test_ids = wiki_token_ids(tokenizer)
-    calib = calibration_dataset(calibration_windows(train_ids, args.num_samples, args.seq_len, 0))
+    windows = calibration_windows(train_ids, args.num_samples, args.seq_len, 0)
     protocol = {
         "calibration_samples": args.num_samples,
         "eval_windows": args.eval_windows,
@@ -87,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.results} holds another protocol; pass --results NEW.json")
     record = {"protocol": protocol, "variants": stored.get("variants", {})}
     for name in args.variants:
-        record["variants"][name] = result = run_variant(name, args, calib, test_ids)
+        record["variants"][name] = result = run_variant(name, args, windows, test_ids)
         print(f"{name}: PPL {result['ppl']:.2f} at density {result['density']:.4f}", flush=True)
         args.results.write_text(json.dumps(record, indent=2) + "\n")
     return 0

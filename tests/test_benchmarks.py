@@ -31,7 +31,8 @@ def _load(name: str):
 
 quality = _load("quality")
 plot_quality = _load("plot_quality")
-ARGS = argparse.Namespace(density=0.5, seq_len=32, num_layers=1)
+ARGS = argparse.Namespace(density=0.5, num_layers=1)
+WINDOWS = torch.tensor(calibration_dataset(num=8)["input_ids"])
 
 
 def test_every_baseline_has_a_w4a16_variant():
@@ -60,10 +61,7 @@ def test_method_recipes_parse(name: str):
 
 def test_two_four_with_w4a16_keeps_the_mask(tmp_path: Path):
     model = quality.run_oneshot(
-        make_wide_llama(tmp_path / "base"),
-        calibration_dataset(num=8),
-        ARGS,
-        quality.METHODS["wanda24+w4a16"](ARGS),
+        make_wide_llama(tmp_path / "base"), WINDOWS, quality.METHODS["wanda24+w4a16"](ARGS)
     )
     weights = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
     assert len(weights) == 7
@@ -75,10 +73,7 @@ def test_two_four_with_w4a16_keeps_the_mask(tmp_path: Path):
 def test_pifa_with_w4a16_keeps_ranks_and_reloads_exactly(tmp_path: Path):
     def ranks(name: str, sub: str) -> tuple[torch.nn.Module, dict[str, int]]:
         model = quality.run_oneshot(
-            make_wide_llama(tmp_path / sub),
-            calibration_dataset(num=8),
-            ARGS,
-            quality.METHODS[name](ARGS),
+            make_wide_llama(tmp_path / sub), WINDOWS, quality.METHODS[name](ARGS)
         )
         return model, {n: m.rank for n, m in model.named_modules() if isinstance(m, PIFALinear)}
 
