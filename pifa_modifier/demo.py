@@ -79,7 +79,6 @@ def run_demo(
     seq_len: int = 512,
 ) -> DemoResult:
     """Compress, evaluate (protocol perplexity), save, reload, check, generate."""
-
     import pifa_modifier  # noqa: F401  (registers PIFAModifier, installs the loader)
 
     recipe = recipe or default_recipe()
